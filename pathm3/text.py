@@ -1,0 +1,69 @@
+"""Tokenizers for captions: loaded from local folders, or built from the training captions.
+
+Real runs load a BERT tokenizer for the Q-Former's text input and a T5 tokenizer for the
+captioner from local folders (never from a hub). Tests and the demo, whose models are randomly
+initialised, build one small word-level tokenizer from their captions with the ``tokenizers``
+library and use it for both; it is saved as ``tokenizer.json`` beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pathm3.errors import MissingWeightsError
+
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the T5 convention
+
+
+def build_word_tokenizer(texts: Iterable[str], vocab_size: int = 512):
+    """A lower-case word-level tokenizer trained on ``texts`` (pad=0, eos=1, unk=2; appends eos)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()]
+    )
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS, UNK])
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+
+
+def load_tokenizer(folder: str | os.PathLike, what: str, download_hint: str):
+    """Load a tokenizer from a local folder only; a clear error says what to download."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+    if not folder.is_dir():
+        raise MissingWeightsError(
+            f"{folder}: {what} tokenizer folder not found; download {download_hint} "
+            f"and put its files there (nothing is downloaded at run time)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise MissingWeightsError(
+            f"{folder}: no usable {what} tokenizer ({str(exc).splitlines()[0]}); "
+            f"download {download_hint} into this folder"
+        ) from None
+
+
+def clean_caption(text: str) -> str:
+    """Collapse whitespace; the form captions are compared and generated in."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def strip_phrases(text: str, phrases: Sequence[str]) -> str:
+    """Remove every phrase in ``phrases`` (case-insensitive, longest first) from ``text``."""
+    for phrase in sorted(phrases, key=len, reverse=True):
+        text = re.sub(re.escape(phrase), " ", text, flags=re.IGNORECASE)
+    return clean_caption(text)
