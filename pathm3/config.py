@@ -74,6 +74,10 @@ class QFormerConfig:
     vocab_size: int = 30522
     max_text_length: int = 128
     dropout: float = 0.1
+    # Weight init std of a randomly initialised Q-Former; null: 1/sqrt(hidden_size). BERT's
+    # 0.02 suits width 768 only: at small widths it leaves query-key logits flat, and the
+    # model memorises bag noise instead of learning where to look.
+    init_std: float | None = None
 
 
 @dataclass
@@ -114,7 +118,7 @@ class ModelConfig:
     text_input: Literal["always", "never", "dropout"] = "dropout"  # caption as classifier input
     text_dropout: float = 0.5  # with text_input=dropout: P(drop the caption) in training
     classifier_dropout: float = 0.1
-    patch_dropout: float = 0.0  # training only: fraction of patches dropped from each bag
+    patch_dropout: float = 0.25  # training only: fraction of patches dropped from each bag
 
 
 @dataclass

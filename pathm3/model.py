@@ -49,6 +49,10 @@ class NystromBlock(nn.Module):
             residual=True,
             dropout=dropout,
         )
+        # Zero-initialised output: the block starts as the identity and only learns to mix
+        # patches when that lowers the loss, which keeps small cohorts from memorising noise.
+        nn.init.zeros_(self.attn.to_out[0].weight)
+        nn.init.zeros_(self.attn.to_out[0].bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (1, n, H) -> (1, n, H)
         return x + self.attn(self.norm(x))
@@ -105,6 +109,7 @@ def qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
         encoder_hidden_size=cfg.correlation.hidden_dim,
         use_qformer_text_input=True,
         pad_token_id=0,
+        initializer_range=q.init_std if q.init_std is not None else q.hidden_size**-0.5,
     )
 
 
@@ -153,7 +158,9 @@ class PathM3(nn.Module):
         self.t5_tokenizer = t5_tokenizer
         qcfg = qformer_cfg or qformer_config(cfg)
         self.correlation = Correlation(cfg.correlation, cfg.feature_dim)
-        self.query_tokens = nn.Parameter(torch.randn(1, cfg.qformer.num_queries, qcfg.hidden_size) * 0.02)
+        self.query_tokens = nn.Parameter(
+            torch.randn(1, cfg.qformer.num_queries, qcfg.hidden_size) * qcfg.initializer_range
+        )
         self.text_embeddings = Blip2TextEmbeddings(qcfg)
         self.qformer = Blip2QFormerModel(qcfg)
         self.classifier_dropout = nn.Dropout(cfg.classifier_dropout)

@@ -187,11 +187,13 @@ def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, clas
     """Save the trainable weights (not the frozen T5) and the config, as safetensors, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if not (model.t5_frozen and k.startswith("t5."))
-    }
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        if (model.t5_frozen and k.startswith("t5.")) or v.data_ptr() in seen:
+            continue  # frozen parts come from their folder; tied weights are stored once
+        seen.add(v.data_ptr())
+        tensors[k] = v.detach().cpu().contiguous()
     meta = {
         "format": CHECKPOINT_FORMAT,
         "config": json.dumps(config_to_dict(config)),
@@ -249,5 +251,11 @@ def load_trainable_state(model: PathM3, tensors: dict[str, torch.Tensor], where:
                 f"{where}: {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}; "
                 "this checkpoint was trained with another config"
             )
-    allow = (r"^t5\.",) if model.t5_frozen else ()
+    allow = [r"^t5\."] if model.t5_frozen else []
+    by_storage: dict[int, list[str]] = {}
+    for k, v in own.items():
+        by_storage.setdefault(v.data_ptr(), []).append(k)
+    for names in by_storage.values():  # tied weights: one stored name fills them all
+        if len(names) > 1 and any(n in tensors for n in names):
+            allow += [f"^{re.escape(n)}$" for n in names if n not in tensors]
     _load_into(model, tensors, where, allow_missing=allow)
