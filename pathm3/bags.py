@@ -80,12 +80,14 @@ def write_bag(
     coords_attrs: Mapping[str, Any] | None = None,
     features_attrs: Mapping[str, Any] | None = None,
     file_attrs: Mapping[str, Any] | None = None,
+    extra_datasets: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write a bag atomically and return its path.
 
     ``features`` (N, D) is stored as ``dtype`` (``float16`` or ``float32``); ``coords`` (N, 2)
     as int64. ``coords_attrs`` / ``features_attrs`` / ``file_attrs`` hold the provenance
     attributes of the module docstring; ``format_version`` is added. None values are skipped.
+    ``extra_datasets`` are stored beside them (e.g. ``patch_names`` for patch-folder bags).
     """
     path = Path(path)
     if dtype not in ("float16", "float32"):
@@ -106,6 +108,11 @@ def write_bag(
             _set_attrs(feats.attrs, features_attrs)
             crd = f.create_dataset("coords", data=coords.astype(np.int64))
             _set_attrs(crd.attrs, coords_attrs)
+            for name, values in (extra_datasets or {}).items():
+                values = np.asarray(values)
+                if values.dtype.kind in "UO":
+                    values = values.astype(h5py.string_dtype())
+                f.create_dataset(name, data=values)
         with open(tmp, "rb") as fh:  # make the data durable before the rename publishes it
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -152,6 +159,14 @@ def inspect_bag(path: str | os.PathLike) -> BagInfo:
             dtype=str(feats_ds.dtype),
             attrs=_collect_attrs(f, feats_ds, coords_ds),
         )
+
+
+def read_patch_names(path: str | os.PathLike) -> list[str] | None:
+    """Source image names of a patch-folder bag (row order), or None for slide bags."""
+    with _open(Path(path)) as f:
+        if "patch_names" not in f:
+            return None
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in f["patch_names"][()]]
 
 
 def is_complete_bag(path: str | os.PathLike) -> bool:

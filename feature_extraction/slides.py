@@ -1,0 +1,141 @@
+"""Slides as a source of patches: scale resolution, pyramid-level choice and region reads.
+
+The target scale is a magnification (``--magnification 20``) or a resolution (``--mpp 0.5``).
+The slide's own scale comes from its metadata (``openslide.objective-power`` /
+``openslide.mpp-x``) or from ``--source-magnification`` / ``--source-mpp``. Magnification and
+mpp are related by the usual convention mag = 10 / mpp (20x = 0.5 um/px).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+OPENSLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm", ".czi")
+
+
+class SlideError(Exception):
+    """A slide that cannot be processed; the message is one line for the `failed` row."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How one slide is tiled: level-0 patch size and the pyramid level read from."""
+
+    level0_magnification: float
+    mpp: float | None  # level-0 microns per pixel
+    downsample: float  # level-0 pixels per target pixel
+    patch_size: int  # pixels at the target scale
+    patch_size_level0: int
+    level: int  # pyramid level the patches are read from
+    level_downsample: float
+    read_size: int  # pixels read at `level` (resized to patch_size afterwards)
+
+
+def open_slide(path: str | Path):
+    """Open with OpenSlide, turning its exceptions into a one-line :class:`SlideError`."""
+    import openslide
+
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError:
+        raise SlideError("cannot open: OpenSlide does not recognise this file format") from None
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"cannot open: OpenSlide error: {exc}") from None
+    except OSError as exc:
+        raise SlideError(f"cannot open: {exc.strerror or exc}") from None
+
+
+def resolve_scale(
+    slide,
+    *,
+    patch_size: int,
+    magnification: float | None = None,
+    mpp: float | None = None,
+    source_magnification: float | None = None,
+    source_mpp: float | None = None,
+) -> Scale:
+    """Work out the level-0 patch footprint and the best level to read it from."""
+    props = slide.properties
+    meta_mpp = _float(props.get("openslide.mpp-x"))
+    meta_mag = _float(props.get("openslide.objective-power"))
+    src_mpp = source_mpp or meta_mpp or (10.0 / (source_magnification or meta_mag) if (source_magnification or meta_mag) else None)
+    src_mag = source_magnification or meta_mag or (10.0 / src_mpp if src_mpp else None)
+    if src_mag is None:
+        raise SlideError(
+            "no magnification or mpp in the slide metadata; pass --source-magnification or --source-mpp"
+        )
+    if mpp is not None:
+        downsample = mpp / src_mpp
+    else:
+        downsample = src_mag / (magnification or 20.0)
+    if downsample < 0.99:
+        have = f"{src_mag:g}x" if magnification is not None or mpp is None else f"{src_mpp:g} um/px"
+        raise SlideError(f"scanned at {have}, lower than the requested scale; choose a lower --magnification")
+    downsample = max(downsample, 1.0)
+    ps0 = int(round(patch_size * downsample))
+    w, h = slide.dimensions
+    if w < ps0 or h < ps0:
+        raise SlideError(f"smaller than one patch ({w}x{h} px at level 0; one patch needs {ps0}x{ps0})")
+    level = _best_level(slide.level_downsamples, downsample)
+    level_ds = float(slide.level_downsamples[level])
+    return Scale(
+        level0_magnification=src_mag,
+        mpp=src_mpp,
+        downsample=downsample,
+        patch_size=patch_size,
+        patch_size_level0=ps0,
+        level=level,
+        level_downsample=level_ds,
+        read_size=int(math.ceil(ps0 / level_ds)),
+    )
+
+
+def _best_level(downsamples, target: float) -> int:
+    """The smallest level (largest downsample) that still has at least the target resolution."""
+    best = 0
+    for i, ds in enumerate(downsamples):
+        if ds <= target * 1.01 and ds >= downsamples[best]:
+            best = i
+    return best
+
+
+def _float(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 and math.isfinite(v) else None
+
+
+def read_patch(slide, x: int, y: int, scale: Scale) -> np.ndarray:
+    """RGB uint8 (patch_size, patch_size, 3) for the patch whose level-0 top-left is (x, y)."""
+    from PIL import Image
+
+    region = slide.read_region((int(x), int(y)), scale.level, (scale.read_size, scale.read_size))
+    rgb = _flatten_alpha(region)
+    if rgb.size != (scale.patch_size, scale.patch_size):
+        rgb = rgb.resize((scale.patch_size, scale.patch_size), Image.BILINEAR)
+    return np.asarray(rgb)
+
+
+def _flatten_alpha(img):
+    """RGBA from OpenSlide (transparent outside the scanned area) onto white."""
+    from PIL import Image
+
+    if img.mode != "RGBA":
+        return img.convert("RGB")
+    background = Image.new("RGB", img.size, (255, 255, 255))
+    background.paste(img, mask=img.getchannel("A"))
+    return background
+
+
+def thumbnail(slide, max_size: int = 2048):
+    """(RGB PIL image, level-0 pixels per thumbnail pixel) from the smallest adequate level."""
+    w, h = slide.dimensions
+    scale = max(1.0, max(w, h) / max_size)
+    img = _flatten_alpha(slide.get_thumbnail((int(w / scale), int(h / scale))))
+    return img, w / img.size[0]
