@@ -191,8 +191,9 @@ class PathM3(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
     def use_bf16_captioner(self) -> None:
-        """On CUDA, run the frozen T5 in bf16 (call after moving the model to the GPU)."""
-        if self.t5_frozen and next(self.t5.parameters()).is_cuda:
+        """On CUDA, run the frozen T5 in bf16; called on each captioner use, a no-op on CPU."""
+        p = next(self.t5.parameters())
+        if self.t5_frozen and p.is_cuda and p.dtype != torch.bfloat16:
             self.t5.to(torch.bfloat16)
 
     # ---------------------------------------------------------------- building blocks
@@ -254,6 +255,7 @@ class PathM3(nn.Module):
         return texts if any(t for t in texts) else None
 
     def _t5_inputs(self, query_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.use_bf16_captioner()
         t5_dtype = next(self.t5.parameters()).dtype
         prefix = self.language_projection(query_out).to(t5_dtype)  # (B, K, d)
         prompt = self.cfg.captioner.prompt

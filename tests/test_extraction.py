@@ -300,3 +300,24 @@ def test_sharding_splits_slides_between_runs(slides_dir, tmp_path):
     assert [r.slide_id for r in first] == ["cmu-1-small-region"]
     assert [r.slide_id for r in second] == ["slideio-test3-dapi"]
     assert set(rows(tmp_path / "out")) == {"cmu-1-small-region", "slideio-test3-dapi"}
+
+
+def test_hf_vision_loads_any_transformers_backbone_folder(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    from feature_extraction.encoders import load_encoder
+
+    torch.manual_seed(0)
+    vit = ViTModel(ViTConfig(hidden_size=40, num_hidden_layers=1, num_attention_heads=4, intermediate_size=80,
+                             image_size=32, patch_size=16))
+    vit.save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "size": {"height": 32, "width": 32}}')
+    enc = load_encoder("hf-vision", str(tmp_path / "vit"))
+    assert (enc.dim, enc.input_size, enc.mean) == (40, 32, (0.5, 0.5, 0.5))
+    patches = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = (patches.permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = vit.eval()(pixel_values=x).pooler_output
+    torch.testing.assert_close(enc.encode(patches), expected)
