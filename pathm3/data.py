@@ -1,10 +1,15 @@
-"""Bags as model inputs: padding a list of bags into one batch with a mask."""
+"""Bags as model inputs: the bag dataset over manifest rows, and padding bags into batches."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.data import Dataset
+
+from pathm3.bags import inspect_bag, read_bag
+from pathm3.errors import DataError
+from pathm3.manifest import Slide
 
 
 def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,3 +25,56 @@ def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         feats[i, : b.shape[0]] = b
         mask[i, : b.shape[0]] = True
     return feats, mask
+
+
+def check_feature_width(slides: Sequence[Slide], feature_dim: int) -> None:
+    """Every bag must have width ``model.feature_dim``; the first that does not is named."""
+    for s in slides:
+        info = inspect_bag(s.bag_path)
+        if info.feature_dim != feature_dim:
+            raise DataError(
+                f"{s.bag_path}: features are {info.feature_dim}-d but model.feature_dim is {feature_dim} "
+                "(extracted with another encoder? set model.feature_dim or re-extract)"
+            )
+
+
+class BagDataset(Dataset):
+    """Manifest rows -> dicts of features (N, D) float32, coords, label (-100 if none), caption.
+
+    ``max_patches`` keeps a random subset of each bag (training only, to bound memory and time).
+    ``classifier_text`` maps a caption to the text the classifier sees (e.g. class words removed).
+    """
+
+    def __init__(self, slides: Sequence[Slide], max_patches: int | None = None,
+                 classifier_text: Callable[[str], str] | None = None):
+        self.slides = list(slides)
+        self.max_patches = max_patches
+        self.classifier_text = classifier_text
+
+    def __len__(self) -> int:
+        return len(self.slides)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.slides[i]
+        bag = read_bag(s.bag_path, dtype="float32")
+        feats, coords = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
+        if self.max_patches and len(feats) > self.max_patches:
+            keep = torch.randperm(len(feats))[: self.max_patches].sort().values
+            feats, coords = feats[keep], coords[keep]
+        caption = s.caption
+        cls_text = self.classifier_text(caption) if (caption and self.classifier_text) else caption
+        return {"slide_id": s.slide_id, "features": feats, "coords": coords,
+                "label": -100 if s.label is None else s.label, "caption": caption, "classifier_caption": cls_text}
+
+
+def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Pad a list of :class:`BagDataset` items into one batch for :class:`~pathm3.model.PathM3`."""
+    feats, mask = pad_bags([it["features"] for it in items])
+    return {
+        "slide_ids": [it["slide_id"] for it in items],
+        "features": feats,
+        "mask": mask,
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "captions": [it["caption"] for it in items],
+        "classifier_captions": [it["classifier_caption"] for it in items],
+    }

@@ -297,7 +297,9 @@ class PathM3(nn.Module):
         """Training/validation step.
 
         ``batch``: ``features`` (B, M, D), ``mask`` (B, M) bool, ``labels`` (B,) long with -100
-        for unlabelled slides, ``captions`` list of B strings or None.
+        for unlabelled slides, ``captions`` list of B strings or None (captioning targets and
+        classifier text), optionally ``classifier_captions`` (the classifier's text, e.g. with
+        class words removed).
         Returns ``loss``, ``loss_cls``, ``loss_gen`` and ``logits`` (B, C).
         """
         feats, labels = batch["features"], batch["labels"]
@@ -307,7 +309,7 @@ class PathM3(nn.Module):
 
         patches = self.correlation(feats, mask)  # (B, M, H)
         q_img = self._qformer(patches, mask)  # (B, K, Q): image only
-        texts = self._text_for_classifier(captions)
+        texts = self._text_for_classifier(batch.get("classifier_captions") or captions)
         q_cls = q_img if texts is None else self._qformer(patches, mask, *self._tokenize_qformer_text(texts, feats.device))
         logits = self._logits(q_cls)  # (B, C)
 

@@ -67,3 +67,21 @@ def strip_phrases(text: str, phrases: Sequence[str]) -> str:
     for phrase in sorted(phrases, key=len, reverse=True):
         text = re.sub(re.escape(phrase), " ", text, flags=re.IGNORECASE)
     return clean_caption(text)
+
+
+# Differentiation grades and their subtypes, the words that give a PatchGastric label away.
+GRADE_WORDS = re.compile(
+    r"\b(?:(?:well|moderately|poorly)(?:[\s-]+to[\s-]+(?:well|moderately|poorly))?[\s-]+differentiated"
+    r"(?:[\s-]+tubular)?(?:[\s-]+adenocarcinoma)?|(?:non[\s-]?)?solid[\s-]*type)\b",
+    flags=re.IGNORECASE,
+)
+
+
+def strip_class_words(text: str, classes: Sequence[str] = ()) -> str:
+    """Remove class names and differentiation-grade phrases from a caption used as classifier input."""
+    text = GRADE_WORDS.sub(" ", strip_phrases(text, classes))
+    text = re.sub(r"\(\s*[,.;]?\s*\)", " ", text)  # parentheses left empty
+    text = re.sub(r"\s+([,.;)])", r"\1", text)
+    text = re.sub(r"([,;])\s*(?=[,.;])", "", text)
+    text = re.sub(r"\.(\s*\.)+", ".", text)
+    return clean_caption(text)

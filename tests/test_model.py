@@ -14,6 +14,7 @@ from pathm3.data import pad_bags
 from pathm3.errors import DataError, MissingWeightsError
 from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.pretrained import build_model, load_checkpoint, save_checkpoint
+from pathm3.synthetic import signal_bags
 from pathm3.text import build_word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,29 +303,11 @@ def test_missing_weights_name_folder_and_download(tmp_path):
 # Learning where to look
 
 
-def signal_cohort(n, seed, d=32, frac=0.02, strength=5.0):
-    """Bags of N(0, 1) patches; ~2% carry a class-specific direction and the bag is re-centred,
-    so the mean-pooled bag holds no class signal."""
-    g = torch.Generator().manual_seed(seed)
-    directions = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(123)))[0][:, :2].T
-    out, labels = [], []
-    for i in range(n):
-        y = i % 2
-        m = int(torch.randint(100, 200, (1,), generator=g))
-        x = torch.randn(m, d, generator=g)
-        k = max(1, round(frac * m))
-        x[torch.randperm(m, generator=g)[:k]] += strength * directions[y]
-        x -= strength * directions[y] * k / m
-        out.append(x)
-        labels.append(y)
-    return out, torch.tensor(labels)
-
-
 def test_learns_from_two_percent_of_patches_and_generalises():
     from sklearn.linear_model import LogisticRegression
 
-    train, ytr = signal_cohort(100, seed=1)
-    test, yte = signal_cohort(200, seed=2)
+    train, ytr = signal_bags(100, seed=1)
+    test, yte = signal_bags(200, seed=2)
     pooled = LogisticRegression(max_iter=2000).fit(np.stack([b.mean(0).numpy() for b in train]), ytr)
     mean_pool_acc = pooled.score(np.stack([b.mean(0).numpy() for b in test]), yte)
     assert mean_pool_acc < 0.65  # the cohort is not solvable by averaging

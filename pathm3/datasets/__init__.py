@@ -1,0 +1,1 @@
+"""Dataset-specific protocols (``python -m pathm3.datasets.patchgastric``)."""

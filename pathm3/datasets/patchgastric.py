@@ -1,0 +1,115 @@
+"""PatchGastric protocol of the PathM3 paper: three subtypes and a stratified 20/40/40 split.
+
+    python -m pathm3.datasets.patchgastric --captions captions.csv --bags DIR --output manifest.csv [--seed 0]
+
+Keeps well differentiated tubular (283 slides), moderately differentiated tubular (265) and poorly
+differentiated adenocarcinoma (non-solid + solid, 145), drops the other subtypes, and writes the
+manifest (``slide_id,label,caption,split``) with a split stratified by class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pathm3.errors import DataError, add_debug_flag, run_cli
+from pathm3.text import GRADE_WORDS, clean_caption, strip_class_words
+
+CLASSES = (
+    "well differentiated tubular adenocarcinoma",
+    "moderately differentiated tubular adenocarcinoma",
+    "poorly differentiated adenocarcinoma",
+)
+SUBTYPE_TO_CLASS = {
+    "Well differentiated tubular adenocarcinoma": CLASSES[0],
+    "Moderately differentiated tubular adenocarcinoma": CLASSES[1],
+    "Poorly differentiated adenocarcinoma, non-solid type": CLASSES[2],
+    "Poorly differentiated adenocarcinoma, solid type": CLASSES[2],
+}
+SPLIT_FRACTIONS = (("train", 0.2), ("val", 0.4), ("test", 0.4))
+
+
+def read_captions(path: Path) -> list[dict]:
+    """Rows of the official captions CSV (``id,subtype,text``) kept by the 3-class protocol."""
+    if not path.is_file():
+        raise DataError(f"{path}: captions file not found")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"id", "subtype", "text"} <= set(reader.fieldnames or []):
+            raise DataError(f"{path}: expected the columns id,subtype,text of the PatchGastric captions")
+        rows = list(reader)
+    return [{"slide_id": r["id"].strip(), "label": SUBTYPE_TO_CLASS[r["subtype"].strip()],
+             "caption": clean_caption(r["text"])}
+            for r in rows if r["subtype"].strip() in SUBTYPE_TO_CLASS]
+
+
+def stratified_split(labels: Sequence[str], seed: int) -> list[str]:
+    """20/40/40 train/val/test within each class (rounded, remainder to test)."""
+    rng = np.random.default_rng(seed)
+    split = [""] * len(labels)
+    for cls in sorted(set(labels)):
+        idx = [i for i, l in enumerate(labels) if l == cls]
+        rng.shuffle(idx)
+        n_train = round(SPLIT_FRACTIONS[0][1] * len(idx))
+        n_val = round(SPLIT_FRACTIONS[1][1] * len(idx))
+        for k, i in enumerate(idx):
+            split[i] = "train" if k < n_train else "val" if k < n_train + n_val else "test"
+    return split
+
+
+def build_manifest(captions: Path, bags: Path, output: Path, seed: int = 0) -> dict:
+    """Write the manifest; returns counts per class and split, and caption/bag statistics."""
+    rows = read_captions(captions)
+    splits = stratified_split([r["label"] for r in rows], seed)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["slide_id", "label", "caption", "split"])
+        writer.writeheader()
+        for r, s in zip(rows, splits):
+            writer.writerow({**r, "split": s})
+    os.replace(tmp, output)
+    with_word = sum(bool(GRADE_WORDS.search(r["caption"])) for r in rows)
+    after = sum(bool(GRADE_WORDS.search(strip_class_words(r["caption"], CLASSES))) for r in rows)
+    return {
+        "classes": Counter(r["label"] for r in rows),
+        "splits": Counter(splits),
+        "captions_with_class_words": with_word,
+        "captions_with_class_words_after_stripping": after,
+        "distinct_captions": len({r["caption"] for r in rows}),
+        "missing_bags": sum(not (bags / f"{r['slide_id']}.h5").is_file() for r in rows),
+        "n": len(rows),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pathm3.datasets.patchgastric", description=__doc__.splitlines()[0])
+    p.add_argument("--captions", required=True, type=Path, help="official captions CSV (id,subtype,text)")
+    p.add_argument("--bags", required=True, type=Path, help="folder of <slide_id>.h5 bags (set as data.bags_dir)")
+    p.add_argument("--output", required=True, type=Path, help="manifest CSV to write")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0; the paper uses 3 seeds)")
+    add_debug_flag(p)
+    args = p.parse_args(argv)
+    stats = build_manifest(args.captions, args.bags, args.output, args.seed)
+    print(f"{stats['n']} slides -> {args.output}")
+    for cls in CLASSES:
+        print(f"  {stats['classes'][cls]:4d}  {cls}")
+    print("  split: " + ", ".join(f"{k} {stats['splits'][k]}" for k, _ in SPLIT_FRACTIONS))
+    print(f"  {stats['captions_with_class_words']} captions name the class "
+          f"({stats['captions_with_class_words_after_stripping']} after --strip-class-words); "
+          f"{stats['distinct_captions']} distinct captions")
+    if stats["missing_bags"]:
+        print(f"  note: {stats['missing_bags']} slides have no bag in {args.bags} yet (run pathm3-extract)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
