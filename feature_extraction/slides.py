@@ -139,3 +139,18 @@ def thumbnail(slide, max_size: int = 2048):
     scale = max(1.0, max(w, h) / max_size)
     img = _flatten_alpha(slide.get_thumbnail((int(w / scale), int(h / scale))))
     return img, w / img.size[0]
+
+
+def write_pyramidal_tiff(path: str | Path, img: np.ndarray, mpp: float, levels: int = 3) -> Path:
+    """Write RGB ``img`` as a tiled, pyramidal generic TIFF that OpenSlide reads (mpp in the
+    resolution tags, each level half the size of the one before). Used by the demo and tests."""
+    import tifffile
+
+    path = Path(path)
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(levels):
+            level = np.ascontiguousarray(img[:: 2**i, :: 2**i])
+            res = 1e4 / (mpp * 2**i)  # pixels per centimetre
+            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
+                      resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0)
+    return path

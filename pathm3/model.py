@@ -357,6 +357,9 @@ class PathM3(nn.Module):
         if sample:
             gen["temperature"] = c.temperature if temperature is None else temperature
             gen["top_p"] = c.top_p if top_p is None else top_p
+        known, rows = len(self.t5_tokenizer), self.t5.config.vocab_size
+        if known < rows:  # never emit ids the tokenizer cannot decode (FlanT5 pads its vocabulary too)
+            gen["suppress_tokens"] = list(range(known, rows))
         ids = self.t5.generate(inputs_embeds=inputs, attention_mask=attn, **gen)
         return [clean_caption(t) for t in self.t5_tokenizer.batch_decode(ids, skip_special_tokens=True)]
 

@@ -17,6 +17,7 @@ import pytest
 
 from feature_extraction.cli import main as extract_main
 from feature_extraction.extract import ExtractionSettings, find_slides, run
+from feature_extraction.slides import write_pyramidal_tiff as write_pyramid
 from pathm3.bags import inspect_bag, read_bag, read_patch_names
 from pathm3.errors import run_cli
 
@@ -38,19 +39,6 @@ def link(slides_dir: Path, tmp: Path, *names: str) -> Path:
     for n in names:
         (d / n).symlink_to(slides_dir / n)
     return d
-
-
-def write_pyramid(path: Path, img: np.ndarray, mpp: float, levels: int = 3) -> Path:
-    """A tiled, pyramidal generic TIFF that OpenSlide reads, with mpp in its resolution tags."""
-    import tifffile
-
-    with tifffile.TiffWriter(path) as tif:
-        for i in range(levels):
-            level = np.ascontiguousarray(img[:: 2**i, :: 2**i])
-            res = 1e4 / (mpp * 2**i)
-            tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
-                      resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,281 @@
+"""Command-line entry points: ``pathm3-train``, ``pathm3-eval``, ``pathm3-predict``, ``pathm3-heatmap``.
+
+Each is a thin shell over :mod:`pathm3.train` and :mod:`pathm3.evaluate`; errors go through
+:func:`pathm3.errors.run_cli` (one ``error:`` line, exit 1 or 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pathm3.config import add_config_args, load_config
+from pathm3.errors import DataError, UsageError, add_debug_flag, run_cli
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_debug_flag(p)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="pathm3-train",
+        description="Train PathM3 with Lightning. Writes train.output_dir/<train.name>/seed<k>/ (config.yaml, "
+        "checkpoints/, metrics.csv, then metrics.json and predictions.csv for the test split).",
+        epilog="Ablations: --set model.correlation.enabled=false, --set train.task=classification|captioning|multitask.",
+    )
+    add_config_args(p, required=False)
+    p.add_argument("--seeds", type=int, nargs="+", metavar="K",
+                   help="train one run per seed and write summary.json / summary.md (mean ± std)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from RUN_DIR/checkpoints/last.ckpt (a seed<k> folder)")
+    p.add_argument("--strip-class-words", action="store_true",
+                   help="remove class names and differentiation-grade phrases from captions used as classifier "
+                   "input (same as --set data.strip_class_words=true)")
+    _common(p)
+    args = p.parse_args(argv)
+    from pathm3.train import resume_run, train_one, train_seeds
+
+    progress = not args.no_progress
+    if args.resume:
+        if args.config or args.overrides or args.seeds:
+            raise UsageError("--resume takes the run's saved config.yaml; do not combine it with --config/--set/--seeds")
+        out = resume_run(args.resume, progress=progress)
+        print(f"resumed and finished: {out}")
+        return 0
+    if not args.config:
+        raise UsageError("--config FILE is required (or --resume RUN_DIR)")
+    overrides = list(args.overrides) + (["data.strip_class_words=true"] if args.strip_class_words else [])
+    cfg = load_config(args.config, overrides)
+    if args.seeds:
+        out = train_seeds(cfg, args.seeds, progress=progress)
+        print((out / "summary.md").read_text())
+        print(f"summary: {out / 'summary.md'}")
+    else:
+        out = train_one(cfg, cfg.train.seed, progress=progress)
+        _print_metrics(out / "metrics.json")
+        print(f"run: {out}")
+    return 0
+
+
+def _print_metrics(path: Path) -> None:
+    m = json.loads(path.read_text())
+    parts = []
+    if m.get("classification"):
+        for mode in ("image_only", "image_text"):
+            if m["classification"].get(mode):
+                parts.append(f"accuracy ({mode.replace('_', ' ')}) {m['classification'][mode]['accuracy']:.3f}")
+    if m.get("captioning"):
+        c = m["captioning"]
+        parts += [f"BLEU-4 {c['bleu_4']:.3f}", f"METEOR {c['meteor']:.3f}", f"ROUGE-L {c['rouge_l']:.3f}",
+                  f"CIDEr {c['cider']:.3f}"]
+    print(f"test ({m['n_slides']} slides): " + ", ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="pathm3-eval",
+        description="Evaluate a checkpoint on a split of its manifest: metrics.json (classification image-only "
+        "and image+text, captioning BLEU/METEOR/ROUGE-L/CIDEr/SPICE) and predictions.csv beside it.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a .safetensors checkpoint (e.g. RUN_DIR/checkpoints/best.safetensors) or a run folder")
+    p.add_argument("--split", default=None, help="train, val or test (default: eval.split of the config, test)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="metrics JSON path (default metrics.json in the checkpoint's run folder); "
+                   "predictions.csv goes beside it")
+    p.add_argument("--manifest", help="evaluate another manifest than the checkpoint's data.manifest")
+    p.add_argument("--bags", help="bags folder for --manifest (default: the checkpoint's data.bags_dir)")
+    p.add_argument("--strip-class-words", action="store_true",
+                   help="remove class words from captions used as classifier input")
+    _common(p)
+    args = p.parse_args(argv)
+    from pathm3.config import apply_overrides
+    from pathm3.evaluate import evaluate, write_json, write_predictions
+    from pathm3.manifest import SPLITS, read_manifest
+    from pathm3.pretrained import load_checkpoint
+
+    ckpt = _checkpoint_path(args.checkpoint)
+    model, cfg, classes = load_checkpoint(ckpt)
+    if args.strip_class_words:
+        cfg = apply_overrides(cfg, ["data.strip_class_words=true"])
+    split = args.split or cfg.eval.split
+    if split not in SPLITS:
+        raise UsageError(f"--split {split}: choose one of {', '.join(SPLITS)}")
+    slides = read_manifest(args.manifest or cfg.data.manifest, args.bags or cfg.data.bags_dir, classes, splits=[split])
+    if not slides:
+        raise DataError(f"{args.manifest or cfg.data.manifest}: no rows with split={split}")
+    from pathm3.data import check_feature_width
+
+    check_feature_width(slides, cfg.model.feature_dim)
+    metrics, rows = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
+    metrics["checkpoint"], metrics["split"] = str(ckpt), split
+    out = Path(args.output) if args.output else ckpt.parent.parent / "metrics.json"
+    write_json(metrics, out)
+    write_predictions(rows, classes, out.parent / "predictions.csv")
+    _print_metrics(out)
+    print(f"wrote {out} and {out.parent / 'predictions.csv'}")
+    return 0
+
+
+def _checkpoint_path(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "best.safetensors", path / "best.safetensors"):
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"{path}: no checkpoints/best.safetensors in this folder")
+    if not path.is_file():
+        raise DataError(f"{path}: checkpoint not found (pass RUN_DIR/checkpoints/best.safetensors)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def predict_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="pathm3-predict",
+        description="Predict class, probabilities and a caption for bags with no labels at all.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="bag files (<slide_id>.h5) or folders of them")
+    p.add_argument("--captions", metavar="CSV",
+                   help="CSV with slide_id,caption: adds the image+text prediction for those slides")
+    p.add_argument("--output", required=True, metavar="FILE.csv|FILE.json", help="where to write the predictions")
+    p.add_argument("--batch-size", type=int, default=4, help="bags per batch (default 4)")
+    p.add_argument("--num-beams", type=int, default=None, help="beam width for captions (default: the config's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="caption length limit (default: the config's)")
+    p.add_argument("--sample", action="store_true", help="sample captions instead of beam search")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --sample)")
+    _common(p)
+    args = p.parse_args(argv)
+    from pathm3.evaluate import predict, write_json
+    from pathm3.manifest import Slide
+    from pathm3.pretrained import load_checkpoint
+
+    out = Path(args.output)
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise UsageError(f"--output {out}: use a .csv or .json file name")
+    bags = _bag_files(args.inputs)
+    captions = _read_captions(Path(args.captions)) if args.captions else {}
+    model, cfg, classes = load_checkpoint(_checkpoint_path(args.checkpoint))
+    slides = [Slide(b.stem, None, captions.get(b.stem), "test", b, 0) for b in bags]
+    from pathm3.data import check_feature_width
+
+    check_feature_width(slides, cfg.model.feature_dim)
+    gen = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
+                             "do_sample": True if args.sample else None, "temperature": args.temperature,
+                             "top_p": args.top_p}.items() if v is not None}
+    rows = predict(model, slides, classes, batch_size=args.batch_size, strip_words=cfg.data.strip_class_words,
+                   progress=not args.no_progress, **gen)
+    records = []
+    for r in rows:
+        rec = {"slide_id": r["slide_id"], "predicted_class": classes[int(r["probs_image_only"].argmax())],
+               **{f"prob_{c}": float(p) for c, p in zip(classes, r["probs_image_only"])}}
+        if r["probs_image_text"] is not None:
+            rec["predicted_class_image_text"] = classes[int(r["probs_image_text"].argmax())]
+            rec.update({f"prob_image_text_{c}": float(p) for c, p in zip(classes, r["probs_image_text"])})
+        rec["caption"] = r["caption_pred"]
+        records.append(rec)
+    if out.suffix.lower() == ".json":
+        write_json(records, out)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fields = list(dict.fromkeys(k for rec in records for k in rec))
+        with open(out, "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(records)
+    print(f"{len(records)} slides -> {out}")
+    return 0
+
+
+def _bag_files(inputs: Sequence[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(p.glob("*.h5"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UsageError(f"{p}: no such bag file or folder")
+    if not files:
+        raise UsageError(f"no .h5 bags in {', '.join(inputs)}")
+    return files
+
+
+def _read_captions(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise UsageError(f"{path}: captions CSV not found")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not {"slide_id", "caption"} <= set(reader.fieldnames or []):
+            raise UsageError(f"{path}: expected the columns slide_id,caption")
+        return {r["slide_id"]: r["caption"] for r in reader if r.get("caption")}
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def heatmap_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="pathm3-heatmap",
+        description="Export where the model looked: per-patch Q-Former cross-attention scores as CSV and "
+        "GeoJSON (QuPath: File > Import objects from file), and with --slide a heatmap over the thumbnail "
+        "plus a montage of the top-k patches (patch-folder bags: the montage from the patch images).",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .safetensors checkpoint or a run folder")
+    p.add_argument("--bag", required=True, nargs="+", metavar="BAG.h5", help="bag file(s) to explain")
+    p.add_argument("--slide", nargs="+", metavar="SLIDE_FILE",
+                   help="the slide file(s) of the bag(s), in the same order, for the heatmap and the montage")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
+    p.add_argument("--top-k", type=int, default=5, help="patches in the montage (default 5)")
+    p.add_argument("--per-query", action="store_true", help="also write one score column per query in the CSV")
+    _common(p)
+    args = p.parse_args(argv)
+    from pathm3.heatmap import export
+    from pathm3.pretrained import load_checkpoint
+
+    if args.slide and len(args.slide) != len(args.bag):
+        raise UsageError(f"--slide got {len(args.slide)} file(s) for {len(args.bag)} bag(s); give one per bag")
+    if args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    model, cfg, classes = load_checkpoint(_checkpoint_path(args.checkpoint))
+    for i, bag in enumerate(args.bag):
+        if not Path(bag).is_file():
+            raise UsageError(f"{bag}: no such bag file")
+        slide = args.slide[i] if args.slide else None
+        written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query)
+        for kind, path in written.items():
+            print(f"{kind:8s} {path}")
+    return 0
+
+
+def train_entry() -> None:
+    sys.exit(run_cli(train_main))
+
+
+def eval_entry() -> None:
+    sys.exit(run_cli(eval_main))
+
+
+def predict_entry() -> None:
+    sys.exit(run_cli(predict_main))
+
+
+def heatmap_entry() -> None:
+    sys.exit(run_cli(heatmap_main))

@@ -1,0 +1,207 @@
+"""Attention heatmaps: where in the slide the model looked, in forms a pathologist can open.
+
+For one bag: ``<slide_id>_scores.csv`` (x, y, score, rank per patch), ``<slide_id>.geojson``
+(the patches as level-0 squares with their score, which QuPath imports as detections) and, with
+the slide file, ``<slide_id>_heatmap.png`` (thumbnail + coloured overlay) and
+``<slide_id>_top5.png`` (the top-k patches at the bag's magnification); for patch-folder bags
+the montage comes from the patch images. Scores come from :meth:`PathM3.patch_scores`, which
+never builds an M x M matrix.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pathm3.bags import Bag, read_bag, read_patch_names
+from pathm3.errors import DataError
+from pathm3.model import PathM3
+
+
+@dataclass
+class BagExplanation:
+    """Scores and predictions of one bag."""
+
+    bag: Bag
+    scores: np.ndarray  # (M,)
+    per_query: np.ndarray | None  # (K, M)
+    predicted: str
+    probabilities: np.ndarray  # (C,)
+    caption: str | None
+
+    @property
+    def ranks(self) -> np.ndarray:
+        """1 = highest score."""
+        order = np.argsort(-self.scores, kind="stable")
+        ranks = np.empty(len(order), dtype=np.int64)
+        ranks[order] = np.arange(1, len(order) + 1)
+        return ranks
+
+
+@torch.no_grad()
+def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, per_query: bool = False,
+            caption: bool = True) -> BagExplanation:
+    """Patch scores, predicted class and generated caption for one bag."""
+    model.eval()
+    bag = read_bag(bag_path, dtype="float32")
+    if bag.features.shape[1] != model.cfg.feature_dim:
+        raise DataError(f"{bag_path}: features are {bag.features.shape[1]}-d but the model expects "
+                        f"{model.cfg.feature_dim}-d (extracted with another encoder?)")
+    device = next(model.parameters()).device
+    feats = torch.from_numpy(bag.features)[None].to(device)  # (1, M, D)
+    mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
+    scores = model.patch_scores(feats, mask, per_query=per_query)[0].cpu().numpy()  # (M,) or (K, M)
+    probs = model.classify(feats, mask).softmax(-1)[0].cpu().numpy()
+    text = model.generate_captions(feats, mask)[0] if (caption and model.t5 is not None) else None
+    return BagExplanation(bag, scores.mean(0) if per_query else scores, scores if per_query else None,
+                          classes[int(probs.argmax())], probs, text)
+
+
+def write_scores_csv(ex: BagExplanation, path: Path) -> Path:
+    ranks = ex.ranks
+    fields = ["x", "y", "score", "rank"] + ([f"query_{k}" for k in range(len(ex.per_query))] if ex.per_query is not None else [])
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(fields)
+        for i, (x, y) in enumerate(ex.bag.coords):
+            row = [int(x), int(y), f"{ex.scores[i]:.8g}", int(ranks[i])]
+            if ex.per_query is not None:
+                row += [f"{v:.8g}" for v in ex.per_query[:, i]]
+            w.writerow(row)
+    return path
+
+
+def write_geojson(ex: BagExplanation, path: Path) -> Path:
+    """A FeatureCollection of level-0 squares; QuPath: File > Import objects from file."""
+    size = int(ex.bag.attrs.get("patch_size_level0") or ex.bag.attrs.get("patch_size") or 224)
+    ranks = ex.ranks
+    features = []
+    for i, (x, y) in enumerate(ex.bag.coords.tolist()):
+        square = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [square]},
+            "properties": {"objectType": "detection", "name": f"rank {int(ranks[i])}",
+                           "measurements": {"PathM3 attention": float(ex.scores[i]), "PathM3 rank": int(ranks[i])}},
+        })
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def _title(ex: BagExplanation) -> str:
+    title = f"{ex.bag.slide_id}: predicted {ex.predicted} ({ex.probabilities.max():.0%})"
+    if ex.caption:
+        title += "\n" + "\n".join(textwrap.wrap(f"“{ex.caption}”", 90))
+    return title
+
+
+def write_heatmap_png(ex: BagExplanation, slide_path: Path, path: Path) -> Path:
+    """Slide thumbnail with the patch scores as a translucent overlay and a colorbar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from feature_extraction.slides import open_slide, thumbnail
+
+    slide = open_slide(slide_path)
+    try:
+        thumb, per_px = thumbnail(slide, max_size=1600)
+    finally:
+        slide.close()
+    size = float(ex.bag.attrs.get("patch_size_level0") or 224)
+    heat = np.full((thumb.size[1], thumb.size[0]), np.nan)
+    lo, hi = float(ex.scores.min()), float(ex.scores.max())
+    norm = (ex.scores - lo) / (hi - lo) if hi > lo else np.zeros_like(ex.scores)
+    for (x, y), v in zip(ex.bag.coords, norm):
+        x0, y0 = int(x / per_px), int(y / per_px)
+        x1, y1 = int(np.ceil((x + size) / per_px)), int(np.ceil((y + size) / per_px))
+        heat[y0:y1, x0:x1] = v
+    fig, ax = plt.subplots(figsize=(8, 8 * thumb.size[1] / thumb.size[0] + 1.2), dpi=120)
+    ax.imshow(thumb)
+    im = ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
+    cbar.set_label("attention (min-max scaled)")
+    ax.set_title(_title(ex), fontsize=9, loc="left")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def top_patches(ex: BagExplanation, k: int, slide_path: Path | None = None) -> list[tuple[np.ndarray, float, tuple[int, int]]]:
+    """The k highest-scoring patches as RGB arrays, read from the slide at the bag's magnification or
+    from the patch images of a patch-folder bag."""
+    from PIL import Image
+
+    order = np.argsort(-ex.scores, kind="stable")[:k]
+    out = []
+    names = read_patch_names(ex.bag.path) if ex.bag.path is not None else None
+    if slide_path is None and names is None:
+        raise DataError(f"{ex.bag.path}: give --slide to read the top patches (this bag has no patch image names)")
+    if slide_path is not None:
+        from feature_extraction.slides import open_slide
+
+        slide = open_slide(slide_path)
+        ps0 = int(ex.bag.attrs.get("patch_size_level0") or 224)
+        ps = int(ex.bag.attrs.get("patch_size") or ps0)
+        try:
+            for i in order:
+                x, y = (int(v) for v in ex.bag.coords[i])
+                img = slide.read_region((x, y), 0, (ps0, ps0)).convert("RGB").resize((ps, ps), Image.BILINEAR)
+                out.append((np.asarray(img), float(ex.scores[i]), (x, y)))
+        finally:
+            slide.close()
+    else:
+        root = Path(str(ex.bag.attrs.get("slide_path", "")))
+        for i in order:
+            file = root / names[i]
+            if not file.is_file():
+                raise DataError(f"{file}: patch image not found (the bag's slide_path attribute points to {root})")
+            with Image.open(file) as img:
+                out.append((np.asarray(img.convert("RGB")), float(ex.scores[i]), tuple(int(v) for v in ex.bag.coords[i])))
+    return out
+
+
+def write_montage(ex: BagExplanation, patches, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(patches), figsize=(2.6 * len(patches), 3.4), dpi=120, squeeze=False)
+    for ax, (img, score, (x, y)) in zip(axes[0], patches):
+        ax.imshow(img)
+        ax.set_title(f"{score:.3g}\n({x}, {y})", fontsize=8)
+        ax.axis("off")
+    fig.suptitle(_title(ex), fontsize=9, x=0.01, ha="left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, out_dir: str | os.PathLike,
+           slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False) -> dict[str, Path]:
+    """Write every output for one bag; returns {kind: path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ex = explain(model, classes, bag_path, per_query=per_query)
+    sid = ex.bag.slide_id
+    written = {"scores": write_scores_csv(ex, out / f"{sid}_scores.csv"),
+               "geojson": write_geojson(ex, out / f"{sid}.geojson")}
+    slide = Path(slide_path) if slide_path else None
+    if slide is not None:
+        written["heatmap"] = write_heatmap_png(ex, slide, out / f"{sid}_heatmap.png")
+    if slide is not None or read_patch_names(ex.bag.path) is not None:
+        written["top"] = write_montage(ex, top_patches(ex, top_k, slide), out / f"{sid}_top{top_k}.png")
+    return written

@@ -1,0 +1,368 @@
+"""Training with Lightning: one run per seed, resumable, then the test split is evaluated.
+
+Run layout, ``train.output_dir/<train.name>/seed<k>/``::
+
+    config.yaml            the resolved config
+    tokenizer.json         the caption tokenizer (when built from the training captions)
+    checkpoints/last.ckpt  Lightning state for --resume (trainable weights, optimizer, loops)
+    checkpoints/best.safetensors, last.safetensors   model checkpoints for eval/predict/heatmap
+    metrics.csv            per-step and per-epoch logs
+    metrics.json, predictions.csv   the test split, evaluated with the best checkpoint
+
+Determinism: every epoch reseeds the RNGs from (seed, epoch) and the sampler shuffles with its
+own (seed, epoch) generator, so a run resumed from ``last.ckpt`` retraces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from pathm3.config import Config, apply_overrides, load_config, save_config
+from pathm3.data import BagDataset, check_feature_width, collate_bags
+from pathm3.errors import DataError, UsageError
+from pathm3.evaluate import evaluate, write_json, write_predictions
+from pathm3.manifest import Slide, read_manifest
+from pathm3.model import PathM3
+from pathm3.optim import build_optimizer, build_scheduler
+from pathm3.pretrained import build_model, load_checkpoint, save_checkpoint
+from pathm3.text import build_word_tokenizer, strip_class_words
+
+
+def effective_config(cfg: Config) -> Config:
+    """Apply ``train.task``: classification trains L_cls only (no captioner), captioning L_gen only."""
+    if cfg.train.task == "classification":
+        return apply_overrides(cfg, ["model.alpha=1.0", "model.captioner.enabled=false"])
+    if cfg.train.task == "captioning":
+        return apply_overrides(cfg, ["model.alpha=0.0"])
+    return cfg
+
+
+def run_dir(cfg: Config, seed: int) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.name / f"seed{seed}"
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch): the order does not depend on history."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class PathM3Module(L.LightningModule):
+    """Lightning wrapper: losses, validation accuracy, AdamW with warmup + cosine."""
+
+    def __init__(self, model: PathM3, cfg: Config, total_steps: int):
+        super().__init__()
+        self.model, self.cfg, self.total_steps = model, cfg, total_steps
+        self.strict_loading = not model.t5_frozen  # the frozen T5 is never in a checkpoint
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_epoch_start(self) -> None:
+        s = self.cfg.train.seed * 1_000_003 + self.current_epoch * 101 + self.global_rank
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.model(batch)
+        b = len(batch["slide_ids"])
+        self.log("train/loss", out["loss"], batch_size=b, prog_bar=True)
+        self.log("train/loss_cls", out["loss_cls"], batch_size=b)
+        self.log("train/loss_gen", out["loss_gen"], batch_size=b)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.model(batch)
+        b = len(batch["slide_ids"])
+        self.log("val/loss", out["loss"], batch_size=b, prog_bar=True, sync_dist=True)
+        self.log("val/loss_gen", out["loss_gen"], batch_size=b, sync_dist=True)
+        # val/accuracy is image-only (slides without captions are the use case); the forward's
+        # logits use the caption when there is one: val/accuracy_image_text.
+        image_only = self.model.classify(batch["features"], batch["mask"])
+        self._val.append((image_only.argmax(-1).cpu(), out["logits"].argmax(-1).cpu(), batch["labels"].cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        image_only, image_text, labels = (torch.cat(parts) for parts in zip(*self._val))
+        self._val.clear()
+        known = labels != -100
+        if known.any():
+            self.log("val/accuracy", (image_only[known] == labels[known]).float().mean(), prog_bar=True, sync_dist=True)
+            self.log("val/accuracy_image_text", (image_text[known] == labels[known]).float().mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.model, self.cfg.train)
+        sched = build_scheduler(opt, self.cfg.train, self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model.t5_frozen:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if not k.startswith("model.t5.")}
+
+
+class ExportCheckpoints(L.Callback):
+    """After each validation: ``last.safetensors``, and ``best.safetensors`` when the monitored
+    metric improves. Its best value is kept in the Lightning checkpoint for resume."""
+
+    def __init__(self, folder: Path, cfg: Config, classes: Sequence[str]):
+        self.folder, self.cfg, self.classes = folder, cfg, list(classes)
+        self.best: tuple[float, float] | None = None  # (monitored value, val/loss)
+
+    def on_validation_end(self, trainer: L.Trainer, module: PathM3Module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        save_checkpoint(module.model, self.folder / "last.safetensors", self.cfg, self.classes)
+        value = trainer.callback_metrics.get(self.cfg.train.monitor)
+        if value is None:
+            return
+        sign = 1 if self.cfg.train.monitor_mode == "max" else -1
+        loss = float(trainer.callback_metrics.get("val/loss", float("inf")))
+        # Ties (accuracy saturates early on small validation sets) go to the lower validation
+        # loss, which includes the captioning loss: otherwise an early, caption-less model wins.
+        key = (sign * float(value), -loss)
+        if self.best is None or key > self.best:
+            self.best = key
+            save_checkpoint(module.model, self.folder / "best.safetensors", self.cfg, self.classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": list(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = tuple(state["best"]) if state.get("best") else None
+
+
+def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
+    """A word tokenizer built from the training captions when no tokenizer folders are configured."""
+    needs = not cfg.model.qformer.tokenizer or (cfg.model.captioner.enabled and not
+                                                (cfg.model.captioner.tokenizer or cfg.model.captioner.pretrained))
+    if not needs:
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    from pathm3.text import EOS, PAD, UNK
+
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    texts = [s.caption for s in slides if s.caption and s.split == "train"] or ["no captions"]
+    vocab = min(cfg.model.qformer.vocab_size, cfg.model.captioner.vocab_size)
+    tok = build_word_tokenizer(texts, vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.backend_tokenizer.save(str(path))
+    return tok
+
+
+def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path:
+    """Train one seed (or resume it), evaluate its best checkpoint on the test split; returns the run dir."""
+    cfg = apply_overrides(cfg, [f"train.seed={seed}"])
+    out = run_dir(cfg, seed)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if resume and not last.is_file():
+        raise UsageError(f"{out}: nothing to resume (no checkpoints/last.ckpt)")
+    eff = effective_config(cfg)
+    classes = list(cfg.data.classes)
+    if not classes:
+        raise UsageError("data.classes is empty: list the class names in the config")
+    slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes)
+    check_feature_width(slides, cfg.model.feature_dim)
+    train = [s for s in slides if s.split == "train"]
+    val = [s for s in slides if s.split == "val"]
+    if not train:
+        raise DataError(f"{cfg.data.manifest}: no rows with split=train")
+    save_config(cfg, out / "config.yaml")
+
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = build_model(eff.model, len(classes), _tokenizer(eff, slides, out))
+    cls_text = (lambda c: strip_class_words(c, classes)) if cfg.data.strip_class_words else None
+    train_ds = BagDataset(train, cfg.data.max_patches, classifier_text=cls_text)
+    loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=EpochSampler(len(train_ds), seed),
+                        collate_fn=collate_bags, num_workers=cfg.data.num_workers)
+    val_loader = (DataLoader(BagDataset(val, classifier_text=cls_text), batch_size=cfg.eval.batch_size,
+                             collate_fn=collate_bags, num_workers=cfg.data.num_workers) if val else None)
+    steps_per_epoch = math.ceil(len(loader) / cfg.train.accumulate_grad_batches)
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.max_epochs
+    module = PathM3Module(model, eff, total)
+    trainer = L.Trainer(
+        default_root_dir=str(out),
+        max_epochs=cfg.train.max_epochs,
+        max_steps=cfg.train.max_steps,
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=_precision(cfg),
+        gradient_clip_val=cfg.train.gradient_clip or None,
+        accumulate_grad_batches=cfg.train.accumulate_grad_batches,
+        deterministic=cfg.train.deterministic,
+        check_val_every_n_epoch=cfg.train.check_val_every_n_epoch,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        logger=_loggers(out),
+        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
+                                                       every_n_epochs=1, enable_version_counter=False),
+                   ExportCheckpoints(ckpt_dir, cfg, classes)],
+    )
+    trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    if trainer.is_global_zero:
+        merge_metrics(out)
+        evaluate_run(out, progress=progress)
+    return out
+
+
+def evaluate_run(out: Path, split: str = "test", progress: bool = True) -> dict[str, Any]:
+    """Evaluate a run's best checkpoint (else last) on a split; writes metrics.json, predictions.csv."""
+    ckpt = out / "checkpoints" / "best.safetensors"
+    if not ckpt.is_file():
+        ckpt = out / "checkpoints" / "last.safetensors"
+    model, cfg, classes = load_checkpoint(ckpt)
+    slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=[split])
+    metrics, rows = evaluate(model, cfg, classes, slides, progress=progress)
+    metrics["checkpoint"] = str(ckpt)
+    write_json(metrics, out / "metrics.json")
+    write_predictions(rows, classes, out / "predictions.csv")
+    return metrics
+
+
+def _precision(cfg: Config) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16-mixed" if torch.cuda.is_available() and cfg.train.accelerator != "cpu" else "32-true"
+
+
+def _loggers(out: Path) -> list:
+    # One CSV log per launch (logs/version_N), merged into metrics.csv by merge_metrics().
+    loggers: list = [L.pytorch.loggers.CSVLogger(save_dir=str(out), name="logs")]
+    try:
+        import tensorboard  # noqa: F401
+
+        loggers.append(L.pytorch.loggers.TensorBoardLogger(save_dir=str(out), name="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def merge_metrics(out: Path) -> Path:
+    """metrics.csv from every launch's log; a resumed launch replaces rows from its first step on."""
+    import csv
+
+    versions = sorted((out / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    rows: list[dict] = []
+    fields: list[str] = []
+    for path in versions:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            new = list(reader)
+            fields += [f for f in reader.fieldnames or [] if f not in fields]
+        if new:
+            first = int(new[0]["step"])
+            rows = [r for r in rows if int(r["step"]) < first] + new
+    target = out / "metrics.csv"
+    with open(target, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Several seeds: summary.json and summary.md
+
+
+SUMMARY_ROWS = {
+    "Table 1: classification accuracy (%)": [
+        ("image only", "classification.image_only.accuracy", 100),
+        ("image + text", "classification.image_text.accuracy", 100),
+        ("image + text, class words stripped", "classification.image_text_class_words_stripped.accuracy", 100),
+        ("image only, balanced accuracy", "classification.image_only.balanced_accuracy", 100),
+        ("image only, macro F1", "classification.image_only.macro_f1", 100),
+        ("image only, AUROC", "classification.image_only.auroc", 100),
+    ],
+    "Table 2: captioning": [
+        ("BLEU@4", "captioning.bleu_4", 1),
+        ("METEOR", "captioning.meteor", 1),
+        ("SPICE", "captioning.spice", 1),
+        ("ROUGE-L", "captioning.rouge_l", 1),
+        ("CIDEr", "captioning.cider", 1),
+    ],
+}
+
+
+def _lookup(metrics: dict, dotted: str):
+    node: Any = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or node.get(part) is None:
+            return None
+        node = node[part]
+    return node
+
+
+def summarise(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """mean ± std over seeds of every reported metric, as summary.json and summary.md."""
+    import json
+
+    per_seed = {d.name: json.loads((d / "metrics.json").read_text()) for d in run_dirs}
+    summary: dict[str, Any] = {"seeds": list(per_seed), "metrics": {}}
+    lines = [f"# {out.name}: {len(per_seed)} seed(s) ({', '.join(per_seed)})", ""]
+    for title, rows in SUMMARY_ROWS.items():
+        lines += [f"## {title}", "", "| metric | mean ± std | per seed |", "|---|---|---|"]
+        for label, key, scale in rows:
+            values = [_lookup(m, key) for m in per_seed.values()]
+            values = [v * scale for v in values if v is not None]
+            if not values:
+                cell, seeds = "n/a", ""
+            else:
+                mean, std = float(np.mean(values)), float(np.std(values))
+                summary["metrics"][key] = {"mean": mean / scale, "std": std / scale, "values": [v / scale for v in values]}
+                cell, seeds = f"{mean:.2f} ± {std:.2f}" if scale == 100 else f"{mean:.3f} ± {std:.3f}", \
+                    ", ".join(f"{v:.2f}" if scale == 100 else f"{v:.3f}" for v in values)
+            lines.append(f"| {label} | {cell} | {seeds} |")
+        lines.append("")
+    notes = {m["captioning"].get("spice_note") for m in per_seed.values() if m.get("captioning")}
+    lines += [f"Note: {n}" for n in notes if n]
+    write_json(summary, out / "summary.json")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def train_seeds(cfg: Config, seeds: Sequence[int], progress: bool = True) -> Path:
+    """Train and evaluate each seed, then write summary.json / summary.md beside the seed folders."""
+    dirs = [train_one(cfg, s, progress=progress) for s in seeds]
+    out = Path(cfg.train.output_dir) / cfg.train.name
+    summarise(dirs, out)
+    return out
+
+
+def resume_run(folder: str | Path, progress: bool = True) -> Path:
+    """Continue the run in ``folder`` (a seed folder) from its last Lightning checkpoint."""
+    folder = Path(folder)
+    cfg_path = folder / "config.yaml"
+    if not cfg_path.is_file():
+        raise UsageError(f"{folder}: not a run folder (no config.yaml); pass train.output_dir/<name>/seed<k>")
+    cfg = load_config(cfg_path)
+    if run_dir(cfg, cfg.train.seed).resolve() != folder.resolve():
+        cfg = apply_overrides(cfg, [f"train.output_dir={folder.parent.parent}", f"train.name={folder.parent.name}"])
+    return train_one(cfg, cfg.train.seed, resume=True, progress=progress)

@@ -1,0 +1,136 @@
+"""pathm3-heatmap: scores, GeoJSON, overlay and montage on a real slide and a patch folder; the
+top patches of a trained model are the ones that carry the signal; M = 100k without M x M."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from feature_extraction.cli import main as extract_main
+from pathm3.bags import write_bag
+from pathm3.cli import heatmap_main
+from pathm3.config import load_config
+from pathm3.errors import run_cli
+from pathm3.optim import build_optimizer, build_scheduler
+from pathm3.data import pad_bags
+from pathm3.pretrained import build_model, save_checkpoint
+from pathm3.synthetic import signal_bags
+from pathm3.text import build_word_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_checkpoint(path: Path, feature_dim: int = 64) -> Path:
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.feature_dim={feature_dim}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, build_word_tokenizer(["benign glands", "adenocarcinoma glands"]))
+    return save_checkpoint(model, path, cfg, list(cfg.data.classes))
+
+
+def test_real_slide_heatmap_outputs(slides_dir, tmp_path):
+    slide = slides_dir / "cmu-1-small-region.svs"
+    bags = tmp_path / "bags"
+    assert run_cli(extract_main, [str(slide), "--output", str(bags), "--encoder", "tiny-vit", "--workers", "0",
+                                  "--no-progress"]) == 0
+    bag = bags / "cmu-1-small-region.h5"
+    ckpt = tiny_checkpoint(tmp_path / "m.safetensors")
+    out = tmp_path / "heat"
+    assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(bag), "--slide", str(slide),
+                                  "--output", str(out), "--per-query", "--no-progress"]) == 0
+    with h5py.File(bag) as f:
+        coords = f["coords"][()]
+    with open(out / "cmu-1-small-region_scores.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(coords)
+    assert [(int(r["x"]), int(r["y"])) for r in rows] == [tuple(c) for c in coords.tolist()]
+    assert sorted(int(r["rank"]) for r in rows) == list(range(1, len(rows) + 1))
+    assert abs(sum(float(r["score"]) for r in rows) - 1) < 1e-4  # an attention distribution over patches
+    assert sum(k.startswith("query_") for k in rows[0]) == 8
+    best = min(rows, key=lambda r: int(r["rank"]))
+    assert float(best["score"]) == max(float(r["score"]) for r in rows)
+
+    geo = json.loads((out / "cmu-1-small-region.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == len(coords)
+    f0 = geo["features"][0]
+    x, y = coords[0]
+    assert f0["geometry"]["coordinates"][0] == [[x, y], [x + 224, y], [x + 224, y + 224], [x, y + 224], [x, y]]
+    assert f0["properties"]["objectType"] == "detection"
+    assert f0["properties"]["measurements"]["PathM3 attention"] == pytest.approx(float(rows[0]["score"]), rel=1e-6)
+
+    heat = Image.open(out / "cmu-1-small-region_heatmap.png")
+    top = Image.open(out / "cmu-1-small-region_top5.png")
+    assert heat.size[0] > 500 and top.size[0] > 4 * top.size[1] / 2
+
+
+def test_patch_folder_bag_montage_comes_from_the_images(slides_dir, tmp_path):
+    import openslide
+
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    slide = openslide.OpenSlide(str(slides_dir / "cmu-1-small-region.svs"))
+    for i in range(6):
+        slide.read_region((300 * i, 900), 0, (300, 300)).convert("RGB").save(folder / f"abc123_{i:04d}.jpg")
+    bags = tmp_path / "bags"
+    assert run_cli(extract_main, [str(folder), "--patch-folder", "--output", str(bags), "--encoder", "tiny-vit",
+                                  "--workers", "0", "--no-progress"]) == 0
+    out = tmp_path / "heat"
+    assert run_cli(heatmap_main, ["--checkpoint", str(tiny_checkpoint(tmp_path / "m.safetensors")),
+                                  "--bag", str(bags / "abc123.h5"), "--output", str(out), "--top-k", "3",
+                                  "--no-progress"]) == 0
+    assert (out / "abc123_top3.png").is_file() and (out / "abc123.geojson").is_file()
+    assert not (out / "abc123_heatmap.png").exists()  # no slide file, no overlay
+
+
+def test_trained_model_ranks_the_signal_patches_first(tmp_path):
+    train, ytr = signal_bags(100, seed=1)
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=32", "model.captioner.enabled=false",
+                                                        "model.alpha=1.0", "model.text_input=never"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 2, build_word_tokenizer(["unused"]))
+    opt = build_optimizer(model, cfg.train)
+    sched = build_scheduler(opt, cfg.train, 300)
+    order = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(300):
+        idx = torch.randint(0, len(train), (8,), generator=order).tolist()
+        feats, mask = pad_bags([train[i] for i in idx])
+        loss = model({"features": feats, "mask": mask, "labels": ytr[idx]})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    ckpt = save_checkpoint(model, tmp_path / "m.safetensors", cfg, ["a", "b"])
+
+    test, _, signal = signal_bags(6, seed=7, return_signal=True)
+    hits = []
+    for i, (bag, sig) in enumerate(zip(test, signal)):
+        side = int(np.ceil(np.sqrt(len(bag))))
+        coords = np.stack([np.arange(len(bag)) % side, np.arange(len(bag)) // side], 1) * 224
+        path = write_bag(tmp_path / f"bag{i}.h5", bag.numpy(), coords, dtype="float32",
+                         coords_attrs={"patch_size_level0": 224})
+        out = tmp_path / "heat"
+        assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(path), "--output", str(out),
+                                      "--no-progress"]) == 0
+        with open(out / f"bag{i}_scores.csv") as fh:
+            ranks = [int(r["rank"]) for r in csv.DictReader(fh)]
+        k = len(sig)
+        top = {j for j, r in enumerate(ranks) if r <= k}
+        hits.append(top == set(sig.tolist()))
+    assert all(hits), hits
+
+
+def test_scores_for_a_bag_of_100k_patches():
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=16", "model.captioner.enabled=false"])
+    model = build_model(cfg.model, 2, build_word_tokenizer(["x"])).eval()
+    feats = torch.randn(1, 100_000, 16)
+    mask = torch.ones(1, 100_000, dtype=torch.bool)
+    scores = model.patch_scores(feats, mask)
+    assert scores.shape == (1, 100_000)
+    assert torch.isfinite(scores).all() and abs(float(scores.sum()) - 1) < 1e-3
