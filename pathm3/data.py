@@ -38,6 +38,29 @@ def check_feature_width(slides: Sequence[Slide], feature_dim: int) -> None:
             )
 
 
+def limit_patches(batch: dict[str, Any], max_patches: int | None) -> dict[str, Any]:
+    """Keep a random subset of at most ``max_patches`` real patches per bag (training only)."""
+    if not max_patches or batch["features"].shape[1] <= max_patches:
+        return batch
+    bags = []
+    for feats, mask in zip(batch["features"], batch["mask"]):
+        real = feats[mask]
+        if len(real) > max_patches:
+            real = real[torch.randperm(len(real), device=real.device)[:max_patches].sort().values]
+        bags.append(real)
+    feats, mask = pad_bags(bags)
+    return {**batch, "features": feats, "mask": mask}
+
+
+def check_bags(slides: Sequence[Slide], feature_dim: int, progress: bool = True) -> None:
+    """Read every bag once before training: a wrong width or NaN/inf features fail now, naming the file."""
+    from tqdm.auto import tqdm
+
+    check_feature_width(slides, feature_dim)
+    for s in tqdm(slides, desc="checking bags", unit="bag", disable=not progress, leave=False):
+        read_bag(s.bag_path)
+
+
 class BagDataset(Dataset):
     """Manifest rows -> dicts of features (N, D) float32, coords, label (-100 if none), caption.
 

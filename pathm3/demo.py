@@ -150,7 +150,8 @@ def run_demo(output: str | Path = "demo_output", n_slides: int = 60, seed: int =
         heatmaps += list(written.values())
     step("done")
     return {"metrics": metrics, "run_dir": run_dir, "manifest": manifest, "predictions": predictions,
-            "heatmaps": heatmaps, "bags": out / "bags", "slides": out / "slides", "seconds": time.perf_counter() - t0}
+            "heatmaps": heatmaps, "bags": out / "bags", "slides": out / "slides", "cohort": rows,
+            "seconds": time.perf_counter() - t0}
 
 
 def print_report(result: dict) -> None:

@@ -9,8 +9,8 @@ Run layout, ``train.output_dir/<train.name>/seed<k>/``::
     metrics.csv            per-step and per-epoch logs
     metrics.json, predictions.csv   the test split, evaluated with the best checkpoint
 
-Determinism: every epoch reseeds the RNGs from (seed, epoch) and the sampler shuffles with its
-own (seed, epoch) generator, so a run resumed from ``last.ckpt`` retraces the uninterrupted one.
+Determinism: every step reseeds the RNGs from (seed, step) and the sampler shuffles with its own
+(seed, epoch) generator, so a run resumed from ``last.ckpt`` retraces the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from pathm3.config import Config, apply_overrides, load_config, save_config
-from pathm3.data import BagDataset, check_feature_width, collate_bags
+from pathm3.data import BagDataset, check_bags, collate_bags, limit_patches
 from pathm3.errors import DataError, UsageError
 from pathm3.evaluate import evaluate, write_json, write_predictions
 from pathm3.manifest import Slide, read_manifest
@@ -75,13 +75,16 @@ class PathM3Module(L.LightningModule):
         self.strict_loading = not model.t5_frozen  # the frozen T5 is never in a checkpoint
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def on_train_epoch_start(self) -> None:
-        s = self.cfg.train.seed * 1_000_003 + self.current_epoch * 101 + self.global_rank
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Reseed before every step from (seed, step): Lightning draws from the global RNG at moments
+        # that differ between a continuous and a resumed run (e.g. creating loader iterators).
+        s = self.cfg.train.seed * 1_000_003 + self.global_step * 101 + self.global_rank
         random.seed(s)
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = limit_patches(batch, self.cfg.data.max_patches)
         out = self.model(batch)
         b = len(batch["slide_ids"])
         self.log("train/loss", out["loss"], batch_size=b, prog_bar=True)
@@ -186,7 +189,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     if not classes:
         raise UsageError("data.classes is empty: list the class names in the config")
     slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes)
-    check_feature_width(slides, cfg.model.feature_dim)
+    check_bags(slides, cfg.model.feature_dim, progress=progress)
     train = [s for s in slides if s.split == "train"]
     val = [s for s in slides if s.split == "val"]
     if not train:
@@ -196,7 +199,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     L.seed_everything(seed, workers=True, verbose=False)
     model = build_model(eff.model, len(classes), _tokenizer(eff, slides, out))
     cls_text = (lambda c: strip_class_words(c, classes)) if cfg.data.strip_class_words else None
-    train_ds = BagDataset(train, cfg.data.max_patches, classifier_text=cls_text)
+    train_ds = BagDataset(train, classifier_text=cls_text)  # max_patches is applied in the step
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=EpochSampler(len(train_ds), seed),
                         collate_fn=collate_bags, num_workers=cfg.data.num_workers)
     val_loader = (DataLoader(BagDataset(val, classifier_text=cls_text), batch_size=cfg.eval.batch_size,
