@@ -67,6 +67,23 @@ def main(argv=None) -> int:
         print(f"extraction failed: {result.error}", file=sys.stderr)
         return 1
     n = result.n_patches
+    # The patch loop alone (reads in worker processes + encoder), without the per-slide work
+    # (thumbnail, tissue mask, preview, bag write) that a large slide amortises.
+    from feature_extraction.extract import _RegionDataset, encode_dataset
+    from feature_extraction.slides import open_slide, resolve_scale
+    from pathm3.bags import read_bag
+
+    slide = open_slide(args.slide)
+    scale = resolve_scale(slide, patch_size=224, magnification=20, source_magnification=args.source_magnification)
+    slide.close()
+    with tempfile.TemporaryDirectory() as out:
+        run(jobs, out, settings, encoder=encoder)
+        coords = read_bag(Path(out) / f"{jobs[0].slide_id}.h5").coords
+    dataset = _RegionDataset(Path(args.slide), coords, scale)
+    encode_dataset(dataset, encoder, settings)  # warm-up
+    t0 = time.perf_counter()
+    encode_dataset(dataset, encoder, settings)
+    patch_loop = time.perf_counter() - t0
     patches = random_patches(min(n, args.batch_size), 224)
     encoder.encode(patches.to(device))  # warm-up
     if device.type == "cuda":
@@ -80,12 +97,14 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     encoder_only = time.perf_counter() - t0
-    e2e_rate, enc_rate = n / end_to_end, n / encoder_only
+    e2e_rate, enc_rate, loop_rate = n / end_to_end, n / encoder_only, n / patch_loop
     print(f"slide {Path(args.slide).name}: {n} patches, encoder {args.encoder} on {args.device} ({args.precision}), "
           f"{args.workers} workers, batch {args.batch_size}")
     print(f"end-to-end   {e2e_rate:8.1f} patches/s  ({end_to_end:.2f} s, bag and CSV written)")
+    print(f"patch loop   {loop_rate:8.1f} patches/s  ({patch_loop:.2f} s, worker reads + encoder)")
     print(f"encoder only {enc_rate:8.1f} patches/s  ({encoder_only:.2f} s, random tensors)")
-    print(f"ratio        {e2e_rate / enc_rate:8.2f}  (goal >= 0.9)")
+    print(f"ratio        {e2e_rate / enc_rate:8.2f}  end-to-end / encoder only (goal >= 0.9)")
+    print(f"ratio        {loop_rate / enc_rate:8.2f}  patch loop / encoder only")
     return 0
 
 
