@@ -2,7 +2,10 @@
 
 Stages, in the order data flows: ``feature_extraction`` (slide -> tiles -> features -> HDF5
 bag), :mod:`pathm3.bags` (the bag format), :mod:`pathm3.manifest` (which slides, labels,
-captions and splits), :mod:`pathm3.config` (typed YAML configs).
+captions and splits), :mod:`pathm3.data` (bags as batches), :mod:`pathm3.model` (the network),
+:mod:`pathm3.pretrained` (local weights and checkpoints), :mod:`pathm3.train` (Lightning),
+:mod:`pathm3.evaluate` and :mod:`pathm3.metrics`, :mod:`pathm3.heatmap`, :mod:`pathm3.demo`.
+Typed YAML configs live in :mod:`pathm3.config`, user-facing errors in :mod:`pathm3.errors`.
 """
 
 __version__ = "0.1.0"

@@ -227,7 +227,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
         logger=_loggers(out),
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
                                                        every_n_epochs=1, enable_version_counter=False),
-                   ExportCheckpoints(ckpt_dir, cfg, classes)],
+                   ExportCheckpoints(ckpt_dir, eff, classes)],
     )
     trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
     if trainer.is_global_zero:

@@ -250,3 +250,15 @@ def test_patchgastric_manifest_from_official_captions(shared_data, tmp_path):
     run_cli(pg_main, ["--captions", str(shared_data / "captions" / "patchgastric_captions.csv"),
                       "--bags", str(tmp_path), "--output", str(again), "--seed", "1"])
     assert again.read_text() != out.read_text()  # another seed, another split
+
+
+def test_classification_only_ablation_trains_and_its_checkpoint_loads(cohort):
+    assert run_cli(train_main, small(cohort, "--set", "train.max_epochs=1", "--set", "train.task=classification",
+                                     "--set", "model.correlation.enabled=false")) == 0
+    run = cohort / "runs" / "demo" / "seed0"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["captioning"] is None and m["classification"]["image_only"] is not None
+    from pathm3.pretrained import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(run / "checkpoints" / "best.safetensors")
+    assert model.t5 is None and len(model.correlation.blocks) == 0 and cfg.model.alpha == 1.0
