@@ -42,6 +42,7 @@ from feature_extraction.slides import (
 from feature_extraction.tissue import grid, patch_tissue_fraction, tissue_mask
 from pathm3.bags import inspect_bag, write_bag
 from pathm3.errors import DataError, UsageError
+from pathm3.files import atomic_output, write_csv
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 DEFAULT_SLIDE_ID_PATTERN = r"^(?P<slide_id>[^_]+)_(?P<rest>.+)$"
@@ -339,10 +340,8 @@ def _preview(thumb, mask: np.ndarray, coords: np.ndarray, ps0: int, level0_per_p
 
 
 def _save_png(img, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +405,7 @@ def run(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, settings: Extracti
 
 
 def _remove_stale_temporaries(out_dir: Path, slide_id: str) -> None:
+    # Left by a killed run under pathm3.files.temporary_name's pattern (any pid).
     for pattern in (f".{slide_id}.h5.tmp-*", f"previews/.{slide_id}.png.tmp-*"):
         for tmp in out_dir.glob(pattern):
             tmp.unlink(missing_ok=True)
@@ -426,12 +426,7 @@ def record_results(csv_path: Path, results: Iterable[SlideResult]) -> None:
         for r in results:
             rows[r.slide_id] = {"slide_id": r.slide_id, "path": r.path, "status": r.status,
                                 "n_patches": r.n_patches, "seconds": f"{r.seconds:.2f}", "error": r.error}
-        tmp = csv_path.with_name(f".{csv_path.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows.values())
-        os.replace(tmp, csv_path)
+        write_csv(csv_path, rows.values(), CSV_COLUMNS)
     finally:
         os.close(lock)  # closing releases the lock
 

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from pathm3.errors import DataError
+from pathm3.files import atomic_output
 
 FORMAT_VERSION = 1
 COORD_ATTRS = (
@@ -95,10 +96,8 @@ def write_bag(
     features = np.asarray(features)
     coords = np.asarray(coords)
     _check_arrays(features, coords, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n, d = features.shape
-    try:
+    with atomic_output(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["format_version"] = FORMAT_VERSION
             _set_attrs(f.attrs, file_attrs)
@@ -115,10 +114,6 @@ def write_bag(
                 f.create_dataset(name, data=values)
         with open(tmp, "rb") as fh:  # make the data durable before the rename publishes it
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 

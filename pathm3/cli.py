@@ -163,6 +163,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     _common(p)
     args = p.parse_args(argv)
     from pathm3.evaluate import predict, write_json
+    from pathm3.files import write_csv
     from pathm3.manifest import Slide
     from pathm3.pretrained import load_checkpoint
 
@@ -193,12 +194,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     if out.suffix.lower() == ".json":
         write_json(records, out)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fields = list(dict.fromkeys(k for rec in records for k in rec))
-        with open(out, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(records)
+        write_csv(out, records, list(dict.fromkeys(k for rec in records for k in rec)))
     print(f"{len(records)} slides -> {out}")
     return 0
 

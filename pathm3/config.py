@@ -254,12 +254,9 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    from pathm3.files import write_text
+
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------

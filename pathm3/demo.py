@@ -14,7 +14,6 @@ to end, not pathology. The README says how to run it on real slides with real we
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -91,21 +90,13 @@ def write_cohort(out: Path, n_slides: int, seed: int = 0) -> dict[str, dict]:
     return rows
 
 
-def write_manifest(rows: dict[str, dict], path: Path) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["slide_id", "label", "caption", "split"], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows.values())
-    return path
-
-
 def run_demo(output: str | Path = "demo_output", n_slides: int = 60, seed: int = 0, progress: bool = True) -> dict:
     """Run the whole demo; returns the test metrics and the paths written."""
     from feature_extraction.extract import ExtractionSettings, find_slides, run
     from pathm3.config import load_config
     from pathm3.evaluate import predict, write_json
     from pathm3.heatmap import export
-    from pathm3.manifest import read_manifest
+    from pathm3.manifest import read_manifest, write_manifest
     from pathm3.pretrained import load_checkpoint
     from pathm3.train import train_one
 
@@ -118,7 +109,7 @@ def run_demo(output: str | Path = "demo_output", n_slides: int = 60, seed: int =
 
     step(f"1/5 drawing {n_slides} synthetic slides -> {out / 'slides'}")
     rows = write_cohort(out, n_slides, seed)
-    manifest = write_manifest(rows, out / "manifest.csv")
+    manifest = write_manifest(list(rows.values()), out / "manifest.csv")
 
     step("2/5 pathm3-extract (tiny-vit encoder, 20x, 224 px patches)")
     settings = ExtractionSettings(encoder="tiny-vit", magnification=20, workers=1, progress=progress)

@@ -7,7 +7,6 @@ the metrics of ``pathm3-eval`` (a section is None when the split has no labels o
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from pathm3.config import Config
 from pathm3.data import BagDataset, collate_bags
+from pathm3.files import write_csv, write_text
 from pathm3.manifest import Slide
 from pathm3.metrics import caption_metrics, classification_metrics
 from pathm3.model import PathM3
@@ -96,32 +96,20 @@ def evaluate(model: PathM3, cfg: Config, classes: Sequence[str], slides: Sequenc
 
 def write_predictions(rows: Sequence[dict[str, Any]], classes: Sequence[str], path: str | os.PathLike) -> Path:
     """predictions.csv: slide_id, label, pred_image_only, pred_image_text, prob_<class>..., captions."""
-    path = Path(path)
     fields = ["slide_id", "label", "pred_image_only", "pred_image_text", *[f"prob_{c}" for c in classes],
               "caption_ref", "caption_pred"]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({
-                "slide_id": r["slide_id"],
-                "label": classes[r["label"]] if r["label"] != -100 else "",
-                "pred_image_only": classes[int(np.argmax(r["probs_image_only"]))],
-                "pred_image_text": classes[int(np.argmax(r["probs_image_text"]))] if r["probs_image_text"] is not None else "",
-                **{f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, r["probs_image_only"])},
-                "caption_ref": r["caption_ref"] or "",
-                "caption_pred": r["caption_pred"] or "",
-            })
-    os.replace(tmp, path)
-    return path
+    records = ({
+        "slide_id": r["slide_id"],
+        "label": classes[r["label"]] if r["label"] != -100 else "",
+        "pred_image_only": classes[int(np.argmax(r["probs_image_only"]))],
+        "pred_image_text": classes[int(np.argmax(r["probs_image_text"]))] if r["probs_image_text"] is not None else "",
+        **{f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, r["probs_image_only"])},
+        "caption_ref": r["caption_ref"] or "",
+        "caption_pred": r["caption_pred"] or "",
+    } for r in rows)
+    return write_csv(path, records, fields)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(obj, indent=2))

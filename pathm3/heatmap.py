@@ -10,7 +10,6 @@ never builds an M x M matrix.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import textwrap
@@ -23,6 +22,7 @@ import torch
 
 from pathm3.bags import Bag, read_bag, read_patch_names
 from pathm3.errors import DataError
+from pathm3.files import atomic_output, write_csv, write_text
 from pathm3.model import PathM3
 
 
@@ -67,16 +67,12 @@ def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, 
 
 def write_scores_csv(ex: BagExplanation, path: Path) -> Path:
     ranks = ex.ranks
-    fields = ["x", "y", "score", "rank"] + ([f"query_{k}" for k in range(len(ex.per_query))] if ex.per_query is not None else [])
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(fields)
-        for i, (x, y) in enumerate(ex.bag.coords):
-            row = [int(x), int(y), f"{ex.scores[i]:.8g}", int(ranks[i])]
-            if ex.per_query is not None:
-                row += [f"{v:.8g}" for v in ex.per_query[:, i]]
-            w.writerow(row)
-    return path
+    queries = range(len(ex.per_query)) if ex.per_query is not None else range(0)
+    fields = ["x", "y", "score", "rank"] + [f"query_{k}" for k in queries]
+    rows = ({"x": int(x), "y": int(y), "score": f"{ex.scores[i]:.8g}", "rank": int(ranks[i]),
+             **{f"query_{k}": f"{ex.per_query[k, i]:.8g}" for k in queries}}
+            for i, (x, y) in enumerate(ex.bag.coords))
+    return write_csv(path, rows, fields)
 
 
 def write_geojson(ex: BagExplanation, path: Path) -> Path:
@@ -92,8 +88,7 @@ def write_geojson(ex: BagExplanation, path: Path) -> Path:
             "properties": {"objectType": "detection", "name": f"rank {int(ranks[i])}",
                            "measurements": {"PathM3 attention": float(ex.scores[i]), "PathM3 rank": int(ranks[i])}},
         })
-    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return path
+    return write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
 
 
 def _title(ex: BagExplanation) -> str:
@@ -133,7 +128,8 @@ def write_heatmap_png(ex: BagExplanation, slide_path: Path, path: Path) -> Path:
     ax.set_title(_title(ex), fontsize=9, loc="left")
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 
@@ -185,7 +181,8 @@ def write_montage(ex: BagExplanation, patches, path: Path) -> Path:
         ax.axis("off")
     fig.suptitle(_title(ex), fontsize=9, x=0.01, ha="left")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
 

@@ -70,6 +70,13 @@ def read_manifest(
     return slides
 
 
+def write_manifest(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Write manifest rows (dicts with the :data:`COLUMNS`; other keys are ignored) atomically."""
+    from pathm3.files import write_csv
+
+    return write_csv(path, ({c: r.get(c) or "" for c in COLUMNS} for r in rows), COLUMNS)
+
+
 def _parse_row(
     row: dict[str, str | None],
     row_number: int,

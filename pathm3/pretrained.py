@@ -29,10 +29,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import Blip2QFormerConfig, T5Config, T5ForConditionalGeneration
+from transformers import Blip2QFormerConfig, T5Config
 
 from pathm3.config import Config, ModelConfig, config_from_dict, config_to_dict
 from pathm3.errors import DataError, MissingWeightsError
+from pathm3.files import atomic_output
 from pathm3.model import PathM3, qformer_config, t5_config
 from pathm3.text import load_tokenizer
 
@@ -186,7 +187,6 @@ def build_model(cfg: ModelConfig, num_classes: int, fallback_tokenizer=None, loa
 def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, classes: list[str]) -> Path:
     """Save the trainable weights (not the frozen T5) and the config, as safetensors, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for k, v in model.state_dict().items():
@@ -201,9 +201,8 @@ def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, clas
     }
     if not config.model.qformer.tokenizer:
         meta["qformer_tokenizer"] = model.qformer_tokenizer.backend_tokenizer.to_str()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

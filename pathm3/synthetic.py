@@ -11,7 +11,6 @@ class, so a captioner can learn them.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from pathm3.bags import write_bag
 from pathm3.errors import add_debug_flag, run_cli
+from pathm3.manifest import write_manifest
 
 CLASSES = ("benign", "adenocarcinoma")
 CAPTIONS = {
@@ -85,14 +85,7 @@ def write_cohort(output: str | os.PathLike, n_slides: int = 120, dim: int = 64, 
                   features_attrs={"encoder": "synthetic", "name": sid})
         cls = CLASSES[y]
         rows.append({"slide_id": sid, "label": cls, "caption": CAPTIONS[cls][int(rng.integers(3))], "split": split[i]})
-    manifest = out / "manifest.csv"
-    tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide_id", "label", "caption", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, manifest)
-    return manifest
+    return write_manifest(rows, out / "manifest.csv")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

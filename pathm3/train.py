@@ -29,6 +29,7 @@ from pathm3.config import Config, apply_overrides, load_config, save_config
 from pathm3.data import BagDataset, check_bags, collate_bags, limit_patches
 from pathm3.errors import DataError, UsageError
 from pathm3.evaluate import evaluate, write_json, write_predictions
+from pathm3.files import write_csv, write_text
 from pathm3.manifest import Slide, read_manifest
 from pathm3.model import PathM3
 from pathm3.optim import build_optimizer, build_scheduler
@@ -283,12 +284,7 @@ def merge_metrics(out: Path) -> Path:
         if new:
             first = int(new[0]["step"])
             rows = [r for r in rows if int(r["step"]) < first] + new
-    target = out / "metrics.csv"
-    with open(target, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    return target
+    return write_csv(out / "metrics.csv", rows, fields)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +343,7 @@ def summarise(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     notes = {m["captioning"].get("spice_note") for m in per_seed.values() if m.get("captioning")}
     lines += [f"Note: {n}" for n in notes if n]
     write_json(summary, out / "summary.json")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
     return summary
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -183,7 +182,7 @@ def test_patch_folder_coordinates_come_from_names(slides_dir, tmp_path):
 def test_eva_vit_g_loads_a_blip2_checkpoint_and_a_vision_tower(tmp_path, slides_dir):
     import torch
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QFormerConfig,
-                              Blip2VisionConfig, Blip2VisionModel, T5Config)
+                              Blip2VisionConfig, T5Config)
 
     from feature_extraction.encoders import load_encoder
     from pathm3.errors import MissingWeightsError

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from pathm3.errors import DataError, add_debug_flag, run_cli
+from pathm3.manifest import write_manifest
 from pathm3.text import GRADE_WORDS, clean_caption, strip_class_words
 
 CLASSES = (
@@ -69,14 +68,7 @@ def build_manifest(captions: Path, bags: Path, output: Path, seed: int = 0) -> d
     """Write the manifest; returns counts per class and split, and caption/bag statistics."""
     rows = read_captions(captions)
     splits = stratified_split([r["label"] for r in rows], seed)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide_id", "label", "caption", "split"])
-        writer.writeheader()
-        for r, s in zip(rows, splits):
-            writer.writerow({**r, "split": s})
-    os.replace(tmp, output)
+    write_manifest([{**r, "split": s} for r, s in zip(rows, splits)], output)
     with_word = sum(bool(GRADE_WORDS.search(r["caption"])) for r in rows)
     after = sum(bool(GRADE_WORDS.search(strip_class_words(r["caption"], CLASSES))) for r in rows)
     return {

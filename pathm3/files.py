@@ -1,0 +1,49 @@
+"""Writing outputs so that nothing half-written ever carries a final name.
+
+Every file is written under ``.<name>.tmp-<pid>`` in the same folder and renamed into place when
+complete; on an error the temporary file is removed and an existing file is left untouched.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+
+def temporary_name(path: Path) -> Path:
+    """The temporary name :func:`atomic_output` writes ``path`` under (for clean-up of stale ones)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; it becomes ``path`` only if the block completes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Mapping], fields: Sequence[str]) -> Path:
+    """Write dict rows as CSV with a header, atomically."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(fields))
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(path)
