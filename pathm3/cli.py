@@ -118,7 +118,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         raise DataError(f"{args.manifest or cfg.data.manifest}: no rows with split={split}")
     from pathm3.data import check_feature_width
 
-    check_feature_width(slides, cfg.model.feature_dim)
+    check_feature_width([s.bag_path for s in slides], cfg.model.feature_dim)
     metrics, rows = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
     metrics["checkpoint"], metrics["split"] = str(ckpt), split
     out = Path(args.output) if args.output else ckpt.parent.parent / "metrics.json"
@@ -176,7 +176,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     slides = [Slide(b.stem, None, captions.get(b.stem), "test", b, 0) for b in bags]
     from pathm3.data import check_feature_width
 
-    check_feature_width(slides, cfg.model.feature_dim)
+    check_feature_width([s.bag_path for s in slides], cfg.model.feature_dim)
     gen = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                              "do_sample": True if args.sample else None, "temperature": args.temperature,
                              "top_p": args.top_p}.items() if v is not None}

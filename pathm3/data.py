@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 import torch
@@ -27,13 +28,13 @@ def pad_bags(bags: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return feats, mask
 
 
-def check_feature_width(slides: Sequence[Slide], feature_dim: int) -> None:
+def check_feature_width(bag_paths: Sequence[str | os.PathLike], feature_dim: int) -> None:
     """Every bag must have width ``model.feature_dim``; the first that does not is named."""
-    for s in slides:
-        info = inspect_bag(s.bag_path)
+    for path in bag_paths:
+        info = inspect_bag(path)
         if info.feature_dim != feature_dim:
             raise DataError(
-                f"{s.bag_path}: features are {info.feature_dim}-d but model.feature_dim is {feature_dim} "
+                f"{path}: features are {info.feature_dim}-d but model.feature_dim is {feature_dim} "
                 "(extracted with another encoder? set model.feature_dim or re-extract)"
             )
 
@@ -56,7 +57,7 @@ def check_bags(slides: Sequence[Slide], feature_dim: int, progress: bool = True)
     """Read every bag once before training: a wrong width or NaN/inf features fail now, naming the file."""
     from tqdm.auto import tqdm
 
-    check_feature_width(slides, feature_dim)
+    check_feature_width([s.bag_path for s in slides], feature_dim)
     for s in tqdm(slides, desc="checking bags", unit="bag", disable=not progress, leave=False):
         read_bag(s.bag_path)
 

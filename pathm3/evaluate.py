@@ -27,51 +27,59 @@ from pathm3.text import strip_class_words
 
 @torch.no_grad()
 def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, batch_size: int = 4,
-            strip_words: bool = False, captions: bool = True, progress: bool = True,
-            **generation: Any) -> list[dict[str, Any]]:
-    """One dict per slide: probabilities image-only and (when captioned) image+text, and a caption."""
+            strip_words: bool = False, also_stripped: bool = False, captions: bool = True,
+            progress: bool = True, **generation: Any) -> list[dict[str, Any]]:
+    """One dict per slide: probabilities from the slide alone and, for captioned slides, from slide +
+    caption (class words removed with ``strip_words``; both ways with ``also_stripped``), and a
+    generated caption. One correlation pass per batch serves them all."""
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
-    cls_text = (lambda c: strip_class_words(c, classes)) if strip_words else None
-    loader = DataLoader(BagDataset(slides, classifier_text=cls_text), batch_size=batch_size, collate_fn=collate_bags)
+    strip = lambda caps: [strip_class_words(c, classes) if c else c for c in caps]  # noqa: E731
+    loader = DataLoader(BagDataset(slides), batch_size=batch_size, collate_fn=collate_bags)
     rows: list[dict[str, Any]] = []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
-        feats, mask = batch["features"].to(device), batch["mask"].to(device)
-        p_img = model.classify(feats, mask).softmax(-1).cpu().numpy()
-        texts = batch["classifier_captions"]
-        p_txt = model.classify(feats, mask, texts).softmax(-1).cpu().numpy() if any(texts) else None
-        generated = model.generate_captions(feats, mask, **generation) if (captions and model.t5 is not None) else None
+        refs = batch["captions"]
+        variants = {"image_text": strip(refs) if strip_words else refs}
+        if also_stripped:
+            variants["image_text_stripped"] = strip(refs)
+        out = model.infer(batch["features"].to(device), batch["mask"].to(device), variants,
+                          generate=captions, **generation)
+        probs = {"image_only": out["logits"].softmax(-1).cpu().numpy()}
+        for name in variants:
+            logits = out[f"logits_{name}"]
+            probs[name] = None if logits is None else logits.softmax(-1).cpu().numpy()
+        generated = out.get("captions")
         for i, sid in enumerate(batch["slide_ids"]):
-            rows.append({
-                "slide_id": sid,
-                "label": int(batch["labels"][i]),
-                "caption_ref": batch["captions"][i],
-                "probs_image_only": p_img[i],
-                "probs_image_text": p_txt[i] if (p_txt is not None and texts[i]) else None,
-                "caption_pred": generated[i] if generated is not None else None,
-            })
+            row = {"slide_id": sid, "label": int(batch["labels"][i]), "caption_ref": refs[i],
+                   "probs_image_only": probs["image_only"][i],
+                   "caption_pred": generated[i] if generated is not None else None}
+            for name, texts in variants.items():
+                row[f"probs_{name}"] = probs[name][i] if (probs[name] is not None and texts[i]) else None
+            rows.append(row)
     return rows
 
 
 def evaluate_rows(rows: Sequence[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     """Metrics of ``pathm3-eval`` from :func:`predict` rows."""
     labelled = [r for r in rows if r["label"] != -100]
-    with_text = [r for r in labelled if r["probs_image_text"] is not None]
     captioned = [r for r in rows if r["caption_ref"] and r["caption_pred"] is not None]
 
-    def cls(rs, key):
+    def cls(key):
+        rs = [r for r in labelled if r.get(key) is not None]
         if not rs:
             return None
         return classification_metrics([r["label"] for r in rs], np.stack([r[key] for r in rs]), num_classes)
 
+    classification = None
+    if labelled:
+        classification = {"image_only": cls("probs_image_only"), "image_text": cls("probs_image_text")}
+        if classification["image_text"] and "probs_image_text_stripped" in labelled[0]:
+            classification["image_text_class_words_stripped"] = cls("probs_image_text_stripped")
     return {
         "n_slides": len(rows),
-        "classification": None if not labelled else {
-            "image_only": cls(labelled, "probs_image_only"),
-            "image_text": cls(with_text, "probs_image_text"),
-        },
+        "classification": classification,
         "captioning": None if not captioned else caption_metrics(
             {r["slide_id"]: [r["caption_ref"]] for r in captioned},
             {r["slide_id"]: r["caption_pred"] for r in captioned}),
@@ -82,16 +90,10 @@ def evaluate(model: PathM3, cfg: Config, classes: Sequence[str], slides: Sequenc
              progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Predict a split and score it. With ``data.strip_class_words`` false, the image+text accuracy
     with class words removed from the captions is reported too (``image_text_class_words_stripped``)."""
-    gen = {"num_beams": cfg.eval.num_beams, "max_new_tokens": cfg.eval.max_new_tokens}
     rows = predict(model, slides, classes, batch_size=cfg.eval.batch_size, strip_words=cfg.data.strip_class_words,
-                   progress=progress, **gen)
-    metrics = evaluate_rows(rows, len(classes))
-    if metrics["classification"] and metrics["classification"]["image_text"] and not cfg.data.strip_class_words:
-        stripped = predict(model, slides, classes, batch_size=cfg.eval.batch_size, strip_words=True,
-                           captions=False, progress=progress)
-        metrics["classification"]["image_text_class_words_stripped"] = evaluate_rows(
-            stripped, len(classes))["classification"]["image_text"]
-    return metrics, rows
+                   also_stripped=not cfg.data.strip_class_words, progress=progress,
+                   num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
+    return evaluate_rows(rows, len(classes)), rows
 
 
 def write_predictions(rows: Sequence[dict[str, Any]], classes: Sequence[str], path: str | os.PathLike) -> Path:

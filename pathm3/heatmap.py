@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pathm3.bags import Bag, read_bag, read_patch_names
+from pathm3.data import check_feature_width
 from pathm3.errors import DataError
 from pathm3.files import atomic_output, write_csv, write_text
 from pathm3.model import PathM3
@@ -51,16 +52,15 @@ def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, 
             caption: bool = True) -> BagExplanation:
     """Patch scores, predicted class and generated caption for one bag."""
     model.eval()
+    check_feature_width([bag_path], model.cfg.feature_dim)
     bag = read_bag(bag_path, dtype="float32")
-    if bag.features.shape[1] != model.cfg.feature_dim:
-        raise DataError(f"{bag_path}: features are {bag.features.shape[1]}-d but the model expects "
-                        f"{model.cfg.feature_dim}-d (extracted with another encoder?)")
     device = next(model.parameters()).device
     feats = torch.from_numpy(bag.features)[None].to(device)  # (1, M, D)
     mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
-    scores = model.patch_scores(feats, mask, per_query=per_query)[0].cpu().numpy()  # (M,) or (K, M)
-    probs = model.classify(feats, mask).softmax(-1)[0].cpu().numpy()
-    text = model.generate_captions(feats, mask)[0] if (caption and model.t5 is not None) else None
+    out = model.infer(feats, mask, generate=caption, scores=True, per_query=per_query)
+    scores = out["patch_scores"][0].cpu().numpy()  # (M,) or (K, M)
+    probs = out["logits"].softmax(-1)[0].cpu().numpy()
+    text = out["captions"][0] if "captions" in out else None
     return BagExplanation(bag, scores.mean(0) if per_query else scores, scores if per_query else None,
                           classes[int(probs.argmax())], probs, text)
 

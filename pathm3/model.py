@@ -17,7 +17,7 @@ Build it with :func:`build_model` (which loads pretrained parts from local folde
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Sequence
 
 import torch
@@ -202,8 +202,7 @@ class PathM3(nn.Module):
         self,
         patches: torch.Tensor,  # (B, M, H)
         mask: torch.Tensor,  # (B, M) bool
-        text_ids: torch.Tensor | None = None,  # (B, T)
-        text_mask: torch.Tensor | None = None,  # (B, T)
+        texts: Sequence[str | None] | None = None,  # B captions joining the queries' self-attention
     ) -> torch.Tensor:
         b = patches.shape[0]
         queries = self.query_tokens.expand(b, -1, -1)  # (B, K, Q)
@@ -212,9 +211,10 @@ class PathM3(nn.Module):
         # broadcasts over the K query rows of cross-attention even when text is present.
         enc_mask = torch.zeros(mask.shape, dtype=patches.dtype, device=patches.device)
         enc_mask = enc_mask.masked_fill(~mask, torch.finfo(patches.dtype).min)[:, None, None, :]
-        if text_ids is None:
+        if texts is None:
             hidden, attn_mask = queries, None
         else:
+            text_ids, text_mask = self._tokenize_qformer_text(texts, patches.device)  # (B, T)
             hidden = self.text_embeddings(input_ids=text_ids, query_embeds=queries)  # (B, K+T, Q)
             ones = torch.ones(b, k, dtype=text_mask.dtype, device=text_mask.device)
             attn_mask = torch.cat([ones, text_mask], dim=1)  # (B, K+T)
@@ -310,7 +310,7 @@ class PathM3(nn.Module):
         patches = self.correlation(feats, mask)  # (B, M, H)
         q_img = self._qformer(patches, mask)  # (B, K, Q): image only
         texts = self._text_for_classifier(batch.get("classifier_captions") or captions)
-        q_cls = q_img if texts is None else self._qformer(patches, mask, *self._tokenize_qformer_text(texts, feats.device))
+        q_cls = q_img if texts is None else self._qformer(patches, mask, texts)
         logits = self._logits(q_cls)  # (B, C)
 
         labelled = labels != -100
@@ -325,29 +325,67 @@ class PathM3(nn.Module):
         """Class logits (B, C) from the slide alone, or slide + caption when ``captions`` is given
         (and ``model.text_input`` is not ``never``)."""
         patches = self.correlation(bags, mask)
-        texts = self._text_for_classifier(captions)
-        text = None if texts is None else self._tokenize_qformer_text(texts, bags.device)
-        q = self._qformer(patches, mask) if text is None else self._qformer(patches, mask, *text)
-        return self._logits(q)
+        return self._logits(self._qformer(patches, mask, self._text_for_classifier(captions)))
 
     @torch.no_grad()
-    def generate_captions(
+    def generate_captions(self, bags: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
+        """One caption per bag: beam search by default, sampling with ``do_sample=True``
+        (``num_beams``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``)."""
+        return self._generate(self._qformer(self.correlation(bags, mask), mask), **generation)
+
+    @torch.no_grad()
+    def patch_scores(self, bags: torch.Tensor, mask: torch.Tensor, per_query: bool = False) -> torch.Tensor:
+        """Q-Former cross-attention of each patch: (B, M), or (B, K, M) with ``per_query``.
+
+        Averaged over heads and cross-attention layers (and queries unless ``per_query``); the
+        largest matrix built is (B, heads, K, M), never M x M. Padding scores 0.
+        """
+        return self.infer(bags, mask, generate=False, scores=True, per_query=per_query)["patch_scores"]
+
+    @torch.no_grad()
+    def infer(
         self,
         bags: torch.Tensor,
         mask: torch.Tensor,
+        caption_sets: dict[str, Sequence[str | None]] | None = None,
         *,
+        generate: bool = True,
+        scores: bool = False,
+        per_query: bool = False,
+        **generation: Any,
+    ) -> dict[str, Any]:
+        """Everything inference needs from one pass of the correlation module (the costly part):
+        ``logits`` (image only, (B, C)); ``logits_<name>`` (B, C) for each set of classifier
+        captions in ``caption_sets`` (None when none of them is used); ``captions`` (generated,
+        when ``generate`` and the model has a captioner); ``patch_scores`` with ``scores``."""
+        patches = self.correlation(bags, mask)  # (B, M, H)
+        maps: list[torch.Tensor] = []
+        with self._record_cross_attention(maps) if scores else nullcontext():
+            q_img = self._qformer(patches, mask)  # (B, K, Q)
+        out: dict[str, Any] = {"logits": self._logits(q_img)}
+        for name, captions in (caption_sets or {}).items():
+            texts = self._text_for_classifier(captions)
+            out[f"logits_{name}"] = None if texts is None else self._logits(self._qformer(patches, mask, texts))
+        if generate and self.t5 is not None:
+            out["captions"] = self._generate(q_img, **generation)
+        if scores:
+            s = torch.stack(maps).mean(0).masked_fill(~mask[:, None, :], 0.0)  # (B, K, M)
+            out["patch_scores"] = s if per_query else s.mean(1)
+        return out
+
+    def _generate(
+        self,
+        query_out: torch.Tensor,  # (B, K, Q)
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         do_sample: bool | None = None,
         temperature: float | None = None,
         top_p: float | None = None,
     ) -> list[str]:
-        """One caption per bag: beam search by default, sampling with ``do_sample=True``."""
         if self.t5 is None:
             raise RuntimeError("this model has no captioner (model.captioner.enabled is false)")
         c = self.cfg.captioner
-        q = self._qformer(self.correlation(bags, mask), mask)
-        inputs, attn = self._t5_inputs(q)
+        inputs, attn = self._t5_inputs(query_out)
         sample = c.do_sample if do_sample is None else do_sample
         gen: dict[str, Any] = {
             "num_beams": 1 if sample else (num_beams or c.num_beams),
@@ -362,20 +400,6 @@ class PathM3(nn.Module):
             gen["suppress_tokens"] = list(range(known, rows))
         ids = self.t5.generate(inputs_embeds=inputs, attention_mask=attn, **gen)
         return [clean_caption(t) for t in self.t5_tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-    @torch.no_grad()
-    def patch_scores(self, bags: torch.Tensor, mask: torch.Tensor, per_query: bool = False) -> torch.Tensor:
-        """Q-Former cross-attention of each patch: (B, M), or (B, K, M) with ``per_query``.
-
-        Averaged over heads and cross-attention layers (and queries unless ``per_query``); the
-        largest matrix built is (B, heads, K, M), never M x M. Padding scores 0.
-        """
-        maps: list[torch.Tensor] = []
-        with self._record_cross_attention(maps):
-            self._qformer(self.correlation(bags, mask), mask)
-        scores = torch.stack(maps).mean(0)  # (B, K, M)
-        scores = scores.masked_fill(~mask[:, None, :], 0.0)
-        return scores if per_query else scores.mean(1)
 
     @contextmanager
     def _record_cross_attention(self, maps: list[torch.Tensor]):
