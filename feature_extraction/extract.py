@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from feature_extraction.encoders import Encoder, load_encoder
 from feature_extraction.slides import (
@@ -40,7 +41,7 @@ from feature_extraction.slides import (
     thumbnail,
 )
 from feature_extraction.tissue import grid, patch_tissue_fraction, tissue_mask
-from pathm3.bags import inspect_bag, write_bag
+from pathm3.bags import index_grid, inspect_bag, write_bag
 from pathm3.errors import DataError, UsageError
 from pathm3.files import atomic_output, write_csv
 
@@ -184,9 +185,7 @@ def patch_coords_from_names(files: Sequence[Path], pattern: str | None, patch_px
         coords.append((int(t.group(1)), int(t.group(2))))
     if len(coords) == len(files):
         return np.asarray(coords, dtype=np.int64).reshape(-1, 2)
-    cols = int(np.ceil(np.sqrt(len(files))))
-    idx = np.arange(len(files))
-    return np.stack([(idx % cols) * patch_px, (idx // cols) * patch_px], axis=1).astype(np.int64)
+    return index_grid(len(files), patch_px)
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,7 +240,8 @@ def encode_dataset(dataset: Dataset, encoder: Encoder, settings: ExtractionSetti
     )
     out = np.empty((len(dataset), encoder.dim), dtype=np.float32)
     done = 0
-    with _progress(total=len(dataset), desc=desc, unit="patch", leave=False, enabled=settings.progress) as bar:
+    with tqdm(total=len(dataset), desc=desc, unit="patch", leave=False, disable=not settings.progress,
+              dynamic_ncols=True) as bar:
         for batch in loader:
             feats = encoder.encode(batch.to(settings.device, non_blocking=True))
             out[done: done + len(feats)] = feats.cpu().numpy()
@@ -389,7 +389,8 @@ def run(jobs: Sequence[SlideJob], out_dir: str | os.PathLike, settings: Extracti
     if todo and encoder is None:
         encoder = load_encoder(settings.encoder, settings.weights).to(torch.device(settings.device),
                                                                      PRECISIONS[settings.precision])
-    with _progress(total=len(mine), initial=len(results), desc="slides", unit="slide", enabled=settings.progress) as bar:
+    with tqdm(total=len(mine), initial=len(results), desc="slides", unit="slide", disable=not settings.progress,
+              dynamic_ncols=True) as bar:
         for job in todo:
             try:
                 result = extract_slide(job, out_dir, settings, encoder)
@@ -430,24 +431,3 @@ def record_results(csv_path: Path, results: Iterable[SlideResult]) -> None:
     finally:
         os.close(lock)  # closing releases the lock
 
-
-class _NoBar:
-    def __init__(self, **_):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n):
-        pass
-
-
-def _progress(enabled: bool = True, **kwargs):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(dynamic_ncols=True, **kwargs)

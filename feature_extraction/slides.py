@@ -80,17 +80,25 @@ def resolve_scale(
     w, h = slide.dimensions
     if w < ps0 or h < ps0:
         raise SlideError(f"smaller than one patch ({w}x{h} px at level 0; one patch needs {ps0}x{ps0})")
+    return reading_scale(slide, patch_size, ps0, downsample, src_mag, src_mpp)
+
+
+def reading_scale(slide, patch_size: int, patch_size_level0: int, downsample: float | None = None,
+                  level0_magnification: float = 0.0, mpp: float | None = None) -> Scale:
+    """How to read patches of a known level-0 footprint (e.g. a bag's): from the smallest pyramid
+    level that still has the resolution, never from level 0 when a smaller level will do."""
+    downsample = downsample or patch_size_level0 / patch_size
     level = _best_level(slide.level_downsamples, downsample)
     level_ds = float(slide.level_downsamples[level])
     return Scale(
-        level0_magnification=src_mag,
-        mpp=src_mpp,
+        level0_magnification=level0_magnification,
+        mpp=mpp,
         downsample=downsample,
         patch_size=patch_size,
-        patch_size_level0=ps0,
+        patch_size_level0=patch_size_level0,
         level=level,
         level_downsample=level_ds,
-        read_size=int(math.ceil(ps0 / level_ds)),
+        read_size=int(math.ceil(patch_size_level0 / level_ds)),
     )
 
 

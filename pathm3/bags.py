@@ -156,6 +156,14 @@ def inspect_bag(path: str | os.PathLike) -> BagInfo:
         )
 
 
+def index_grid(n: int, cell: int) -> np.ndarray:
+    """(n, 2) int64 level-0 coords for patches whose position is unknown: patch i on a square
+    grid of ``cell``-sized cells, row by row."""
+    cols = int(np.ceil(np.sqrt(n)))
+    idx = np.arange(n)
+    return np.stack([(idx % cols) * cell, (idx // cols) * cell], axis=1).astype(np.int64)
+
+
 def read_patch_names(path: str | os.PathLike) -> list[str] | None:
     """Source image names of a patch-folder bag (row order), or None for slide bags."""
     with _open(Path(path)) as f:

@@ -65,14 +65,12 @@ def check_bags(slides: Sequence[Slide], feature_dim: int, progress: bool = True)
 class BagDataset(Dataset):
     """Manifest rows -> dicts of features (N, D) float32, coords, label (-100 if none), caption.
 
-    ``max_patches`` keeps a random subset of each bag (training only, to bound memory and time).
     ``classifier_text`` maps a caption to the text the classifier sees (e.g. class words removed).
+    Training bags are subsampled by :func:`limit_patches` inside the step, after it reseeds.
     """
 
-    def __init__(self, slides: Sequence[Slide], max_patches: int | None = None,
-                 classifier_text: Callable[[str], str] | None = None):
+    def __init__(self, slides: Sequence[Slide], classifier_text: Callable[[str], str] | None = None):
         self.slides = list(slides)
-        self.max_patches = max_patches
         self.classifier_text = classifier_text
 
     def __len__(self) -> int:
@@ -82,9 +80,6 @@ class BagDataset(Dataset):
         s = self.slides[i]
         bag = read_bag(s.bag_path, dtype="float32")
         feats, coords = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
-        if self.max_patches and len(feats) > self.max_patches:
-            keep = torch.randperm(len(feats))[: self.max_patches].sort().values
-            feats, coords = feats[keep], coords[keep]
         caption = s.caption
         cls_text = self.classifier_text(caption) if (caption and self.classifier_text) else caption
         return {"slide_id": s.slide_id, "features": feats, "coords": coords,

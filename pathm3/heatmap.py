@@ -145,16 +145,15 @@ def top_patches(ex: BagExplanation, k: int, slide_path: Path | None = None) -> l
     if slide_path is None and names is None:
         raise DataError(f"{ex.bag.path}: give --slide to read the top patches (this bag has no patch image names)")
     if slide_path is not None:
-        from feature_extraction.slides import open_slide
+        from feature_extraction.slides import open_slide, read_patch, reading_scale
 
         slide = open_slide(slide_path)
         ps0 = int(ex.bag.attrs.get("patch_size_level0") or 224)
-        ps = int(ex.bag.attrs.get("patch_size") or ps0)
+        scale = reading_scale(slide, int(ex.bag.attrs.get("patch_size") or ps0), ps0)
         try:
             for i in order:
                 x, y = (int(v) for v in ex.bag.coords[i])
-                img = slide.read_region((x, y), 0, (ps0, ps0)).convert("RGB").resize((ps, ps), Image.BILINEAR)
-                out.append((np.asarray(img), float(ex.scores[i]), (x, y)))
+                out.append((read_patch(slide, x, y, scale), float(ex.scores[i]), (x, y)))
         finally:
             slide.close()
     else:

@@ -35,7 +35,7 @@ from pathm3.config import Config, ModelConfig, config_from_dict, config_to_dict
 from pathm3.errors import DataError, MissingWeightsError
 from pathm3.files import atomic_output
 from pathm3.model import PathM3, qformer_config, t5_config
-from pathm3.text import load_tokenizer
+from pathm3.text import load_tokenizer, word_tokenizer_from_json, word_tokenizer_to_json
 
 BLIP2_HINT = "a BLIP-2 FlanT5 checkpoint in Hugging Face format (e.g. Salesforce/blip2-flan-t5-xl)"
 TEXT_HINT = "Salesforce/blip2-itm-vit-g (or bert-base-uncased)"
@@ -200,7 +200,7 @@ def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, clas
         "classes": json.dumps(list(classes)),
     }
     if not config.model.qformer.tokenizer:
-        meta["qformer_tokenizer"] = model.qformer_tokenizer.backend_tokenizer.to_str()
+        meta["qformer_tokenizer"] = word_tokenizer_to_json(model.qformer_tokenizer)
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -208,11 +208,6 @@ def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, clas
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[PathM3, Config, list[str]]:
     """Load a checkpoint written by :func:`save_checkpoint`: (model in eval mode, config, classes)."""
-    from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer
-
-    from pathm3.text import EOS, PAD, UNK
-
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
@@ -226,11 +221,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise DataError(f"{path}: not a PathM3 checkpoint (no '{CHECKPOINT_FORMAT}' metadata)")
     config = config_from_dict(json.loads(meta["config"]), source=str(path))
     classes = json.loads(meta["classes"])
-    fallback = None
-    if "qformer_tokenizer" in meta:
-        fallback = PreTrainedTokenizerFast(
-            tokenizer_object=Tokenizer.from_str(meta["qformer_tokenizer"]), pad_token=PAD, eos_token=EOS, unk_token=UNK
-        )
+    fallback = word_tokenizer_from_json(meta["qformer_tokenizer"]) if "qformer_tokenizer" in meta else None
     model = build_model(config.model, len(classes), fallback, load_weights=model_needs_frozen_weights(config.model))
     load_trainable_state(model, tensors, str(path))
     return model.eval(), config, classes

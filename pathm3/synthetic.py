@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pathm3.bags import write_bag
+from pathm3.bags import index_grid, write_bag
 from pathm3.errors import add_debug_flag, run_cli
 from pathm3.manifest import write_manifest
 
@@ -78,9 +78,7 @@ def write_cohort(output: str | os.PathLike, n_slides: int = 120, dim: int = 64, 
     rows = []
     for i, (bag, y) in enumerate(zip(bags, labels.tolist())):
         sid = f"synthetic-{i:04d}"
-        side = int(np.ceil(np.sqrt(len(bag))))
-        coords = np.stack([np.arange(len(bag)) % side, np.arange(len(bag)) // side], 1) * 224
-        write_bag(out / "bags" / f"{sid}.h5", bag.numpy(), coords, dtype="float32",
+        write_bag(out / "bags" / f"{sid}.h5", bag.numpy(), index_grid(len(bag), 224), dtype="float32",
                   coords_attrs={"patch_size": 224, "patch_size_level0": 224, "name": sid},
                   features_attrs={"encoder": "synthetic", "name": sid})
         cls = CLASSES[y]

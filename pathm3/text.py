@@ -21,7 +21,6 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # ids 0, 1, 2: the T5 convention
 def build_word_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     """A lower-case word-level tokenizer trained on ``texts`` (pad=0, eos=1, unk=2; appends eos)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
@@ -33,7 +32,24 @@ def build_word_tokenizer(texts: Iterable[str], vocab_size: int = 512):
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    return _wrap(tok)
+
+
+def word_tokenizer_from_json(text: str):
+    """The word tokenizer of :func:`build_word_tokenizer` back from its JSON (``to_json``)."""
+    from tokenizers import Tokenizer
+
+    return _wrap(Tokenizer.from_str(text))
+
+
+def word_tokenizer_to_json(tokenizer) -> str:
+    return tokenizer.backend_tokenizer.to_str()
+
+
+def _wrap(backend):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
 def load_tokenizer(folder: str | os.PathLike, what: str, download_hint: str):

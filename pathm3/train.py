@@ -34,7 +34,7 @@ from pathm3.manifest import Slide, read_manifest
 from pathm3.model import PathM3
 from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.pretrained import build_model, load_checkpoint, save_checkpoint
-from pathm3.text import build_word_tokenizer, strip_class_words
+from pathm3.text import build_word_tokenizer, strip_class_words, word_tokenizer_from_json, word_tokenizer_to_json
 
 
 def effective_config(cfg: Config) -> Config:
@@ -162,18 +162,12 @@ def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
                                                 (cfg.model.captioner.tokenizer or cfg.model.captioner.pretrained))
     if not needs:
         return None
-    from transformers import PreTrainedTokenizerFast
-
-    from pathm3.text import EOS, PAD, UNK
-
     path = folder / "tokenizer.json"
-    if path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token=PAD, eos_token=EOS, unk_token=UNK)
+    if path.is_file():  # a resumed run keeps its vocabulary
+        return word_tokenizer_from_json(path.read_text(encoding="utf-8"))
     texts = [s.caption for s in slides if s.caption and s.split == "train"] or ["no captions"]
-    vocab = min(cfg.model.qformer.vocab_size, cfg.model.captioner.vocab_size)
-    tok = build_word_tokenizer(texts, vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.backend_tokenizer.save(str(path))
+    tok = build_word_tokenizer(texts, min(cfg.model.qformer.vocab_size, cfg.model.captioner.vocab_size))
+    write_text(path, word_tokenizer_to_json(tok))
     return tok
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from feature_extraction.cli import main as extract_main
-from pathm3.bags import write_bag
+from pathm3.bags import index_grid, write_bag
 from pathm3.cli import heatmap_main
 from pathm3.config import load_config
 from pathm3.errors import run_cli
@@ -111,9 +111,7 @@ def test_trained_model_ranks_the_signal_patches_first(tmp_path):
     test, _, signal = signal_bags(8, seed=7, return_signal=True)
     relative_ranks = []
     for i, (bag, sig) in enumerate(zip(test, signal)):
-        side = int(np.ceil(np.sqrt(len(bag))))
-        coords = np.stack([np.arange(len(bag)) % side, np.arange(len(bag)) // side], 1) * 224
-        path = write_bag(tmp_path / f"bag{i}.h5", bag.numpy(), coords, dtype="float32",
+        path = write_bag(tmp_path / f"bag{i}.h5", bag.numpy(), index_grid(len(bag), 224), dtype="float32",
                          coords_attrs={"patch_size_level0": 224})
         out = tmp_path / "heat"
         assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(path), "--output", str(out),
