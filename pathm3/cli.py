@@ -1,7 +1,8 @@
-"""Command-line entry points: ``pathm3-train``, ``pathm3-eval``, ``pathm3-predict``, ``pathm3-heatmap``.
+"""Command-line entry points: ``pathm3-train``, ``pathm3-eval``, ``pathm3-predict``, ``pathm3-heatmap``,
+``pathm3-compare``.
 
-Each is a thin shell over :mod:`pathm3.train` and :mod:`pathm3.evaluate`; errors go through
-:func:`pathm3.errors.run_cli` (one ``error:`` line, exit 1 or 2).
+Each is a thin shell over :mod:`pathm3.train`, :mod:`pathm3.evaluate`, :mod:`pathm3.heatmap` and
+:mod:`pathm3.compare`; errors go through :func:`pathm3.errors.run_cli` (one ``error:`` line, exit 1 or 2).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         if args.config or args.overrides or args.seeds:
             raise UsageError("--resume takes the run's saved config.yaml; do not combine it with --config/--set/--seeds")
         out = resume_run(args.resume, progress=progress)
-        print(f"resumed and finished: {out}")
+        if out is not None:
+            print(f"resumed and finished: {out}")
         return 0
     if not args.config:
         raise UsageError("--config FILE is required (or --resume RUN_DIR)")
@@ -57,12 +59,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(args.config, overrides)
     if args.seeds:
         out = train_seeds(cfg, args.seeds, progress=progress)
-        print((out / "summary.md").read_text())
-        print(f"summary: {out / 'summary.md'}")
+        if out is not None:  # None on DDP ranks other than 0
+            print((out / "summary.md").read_text())
+            print(f"summary: {out / 'summary.md'}")
     else:
         out = train_one(cfg, cfg.train.seed, progress=progress)
-        _print_metrics(out / "metrics.json")
-        print(f"run: {out}")
+        if out is not None:
+            _print_metrics(out / "metrics.json")
+            print(f"run: {out}")
     return 0
 
 
@@ -71,8 +75,10 @@ def _print_metrics(path: Path) -> None:
     parts = []
     if m.get("classification"):
         for mode in ("image_only", "image_text"):
-            if m["classification"].get(mode):
-                parts.append(f"accuracy ({mode.replace('_', ' ')}) {m['classification'][mode]['accuracy']:.3f}")
+            res = m["classification"].get(mode)
+            if res:
+                key = "accuracy" if "accuracy" in res else "micro_f1"
+                parts.append(f"{key.replace('_', '-')} ({mode.replace('_', ' ')}) {res[key]:.3f}")
     if m.get("captioning"):
         c = m["captioning"]
         parts += [f"BLEU-4 {c['bleu_4']:.3f}", f"METEOR {c['meteor']:.3f}", f"ROUGE-L {c['rouge_l']:.3f}",
@@ -102,7 +108,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     _common(p)
     args = p.parse_args(argv)
     from pathm3.config import apply_overrides
-    from pathm3.evaluate import evaluate, write_json, write_predictions
+    from pathm3.evaluate import evaluate, thresholds_of, write_json, write_predictions
     from pathm3.manifest import SPLITS, read_manifest
     from pathm3.pretrained import load_checkpoint
 
@@ -113,17 +119,18 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     split = args.split or cfg.eval.split
     if split not in SPLITS:
         raise UsageError(f"--split {split}: choose one of {', '.join(SPLITS)}")
-    slides = read_manifest(args.manifest or cfg.data.manifest, args.bags or cfg.data.bags_dir, classes, splits=[split])
+    slides = read_manifest(args.manifest or cfg.data.manifest, args.bags or cfg.data.bags_dir, classes, splits=[split],
+                           multilabel=cfg.data.multilabel)
     if not slides:
         raise DataError(f"{args.manifest or cfg.data.manifest}: no rows with split={split}")
     from pathm3.data import check_feature_width
 
     check_feature_width([s.bag_path for s in slides], cfg.model.feature_dim)
-    metrics, rows = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
+    metrics, preds = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
     metrics["checkpoint"], metrics["split"] = str(ckpt), split
     out = Path(args.output) if args.output else ckpt.parent.parent / "metrics.json"
     write_json(metrics, out)
-    write_predictions(rows, classes, out.parent / "predictions.csv")
+    write_predictions(preds, classes, out.parent / "predictions.csv", model.multilabel, thresholds_of(cfg, classes))
     _print_metrics(out)
     print(f"wrote {out} and {out.parent / 'predictions.csv'}")
     return 0
@@ -147,7 +154,8 @@ def _checkpoint_path(text: str) -> Path:
 def predict_main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="pathm3-predict",
-        description="Predict class, probabilities and a caption for bags with no labels at all.",
+        description="Predict class, probabilities and a caption for bags with no labels at all. The file has the "
+        "columns of pathm3-eval's predictions.csv (label and caption_ref stay empty unless --captions is given).",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a .safetensors checkpoint or a run folder")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="bag files (<slide_id>.h5) or folders of them")
@@ -162,9 +170,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --sample)")
     _common(p)
     args = p.parse_args(argv)
-    from pathm3.evaluate import predict, write_json
-    from pathm3.files import write_csv
-    from pathm3.manifest import Slide
+    from pathm3.evaluate import predict, thresholds_of, write_predictions
+    from pathm3.manifest import Slide, one_hot
     from pathm3.pretrained import load_checkpoint
 
     out = Path(args.output)
@@ -173,29 +180,17 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     bags = _bag_files(args.inputs)
     captions = _read_captions(Path(args.captions)) if args.captions else {}
     model, cfg, classes = load_checkpoint(_checkpoint_path(args.checkpoint))
-    slides = [Slide(b.stem, None, captions.get(b.stem), "test", b, 0) for b in bags]
+    slides = [Slide(b.stem, one_hot(None, len(classes)), captions.get(b.stem), "test", b, 0) for b in bags]
     from pathm3.data import check_feature_width
 
     check_feature_width([s.bag_path for s in slides], cfg.model.feature_dim)
     gen = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                              "do_sample": True if args.sample else None, "temperature": args.temperature,
                              "top_p": args.top_p}.items() if v is not None}
-    rows = predict(model, slides, classes, batch_size=args.batch_size, strip_words=cfg.data.strip_class_words,
-                   progress=not args.no_progress, **gen)
-    records = []
-    for r in rows:
-        rec = {"slide_id": r["slide_id"], "predicted_class": classes[int(r["probs_image_only"].argmax())],
-               **{f"prob_{c}": float(p) for c, p in zip(classes, r["probs_image_only"])}}
-        if r["probs_image_text"] is not None:
-            rec["predicted_class_image_text"] = classes[int(r["probs_image_text"].argmax())]
-            rec.update({f"prob_image_text_{c}": float(p) for c, p in zip(classes, r["probs_image_text"])})
-        rec["caption"] = r["caption_pred"]
-        records.append(rec)
-    if out.suffix.lower() == ".json":
-        write_json(records, out)
-    else:
-        write_csv(out, records, list(dict.fromkeys(k for rec in records for k in rec)))
-    print(f"{len(records)} slides -> {out}")
+    preds = predict(model, slides, classes, batch_size=args.batch_size, strip_words=cfg.data.strip_class_words,
+                    progress=not args.no_progress, **gen)
+    write_predictions(preds, classes, out, model.multilabel, thresholds_of(cfg, classes))
+    print(f"{len(preds)} slides -> {out}")
     return 0
 
 
@@ -240,9 +235,14 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
                    help="the slide file(s) of the bag(s), in the same order, for the heatmap and the montage")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
     p.add_argument("--top-k", type=int, default=5, help="patches in the montage (default 5)")
-    p.add_argument("--per-query", action="store_true", help="also write one score column per query in the CSV")
+    p.add_argument("--per-query", action="store_true", help="also write one score column per query in the CSV "
+                   "(aggregators with several tokens: the Q-Former)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="explain one class (e.g. one finding of a multi-label model): score each patch by its "
+                   "contribution to that class's logit (gradient x input) instead of the aggregator's attention")
     _common(p)
     args = p.parse_args(argv)
+    from pathm3.evaluate import thresholds_of
     from pathm3.heatmap import export
     from pathm3.pretrained import load_checkpoint
 
@@ -251,13 +251,41 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1:
         raise UsageError("--top-k must be at least 1")
     model, cfg, classes = load_checkpoint(_checkpoint_path(args.checkpoint))
+    if args.class_name is not None and args.class_name not in classes:
+        raise UsageError(f"--class {args.class_name}: not a class of this model ({', '.join(classes)})")
     for i, bag in enumerate(args.bag):
         if not Path(bag).is_file():
             raise UsageError(f"{bag}: no such bag file")
         slide = args.slide[i] if args.slide else None
-        written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query)
+        written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query,
+                         class_name=args.class_name, thresholds=thresholds_of(cfg, classes))
         for kind, path in written.items():
             print(f"{kind:8s} {path}")
+    return 0
+
+
+def compare_main(argv: Sequence[str] | None = None) -> int:
+    from pathm3.parts import AGGREGATORS
+
+    p = argparse.ArgumentParser(
+        prog="pathm3-compare",
+        description="Train several aggregators side by side (same manifest, split, head, captioner and budget) over "
+        "several seeds; write DIR/comparison.md and DIR/comparison.json (the layout of the paper's Table 1) and "
+        "each run under DIR/<aggregator>/seed<k>/. The MIL baselines run without the correlation module.",
+    )
+    add_config_args(p)
+    p.add_argument("--aggregators", nargs="+", metavar="NAME", default=list(AGGREGATORS),
+                   help=f"aggregators to compare (default: all of {', '.join(AGGREGATORS)})")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="K", help="seeds (default 0)")
+    p.add_argument("--output", required=True, metavar="DIR", help="folder for the runs and the comparison")
+    _common(p)
+    args = p.parse_args(argv)
+    from pathm3.compare import compare
+
+    rows = compare(load_config(args.config, args.overrides), args.aggregators, args.seeds, args.output,
+                   progress=not args.no_progress)
+    if rows:
+        print((Path(args.output) / "comparison.md").read_text())
     return 0
 
 
@@ -275,3 +303,7 @@ def predict_entry() -> None:
 
 def heatmap_entry() -> None:
     sys.exit(run_cli(heatmap_main))
+
+
+def compare_entry() -> None:
+    sys.exit(run_cli(compare_main))

@@ -1,13 +1,17 @@
-"""Typed experiment configuration: YAML files in ``configs/`` loaded into dataclasses.
+"""Typed experiment configuration: YAML files in ``configs/`` validated by pydantic.
 
-A config has four sections, ``data``, ``model``, ``train`` and ``eval``. Loading is strict: an
-unknown key or a value of the wrong type is a :class:`~pathm3.errors.ConfigError` naming the
-file and the dotted key, with a "did you mean" hint for typos::
+A config has four sections, ``data``, ``model``, ``train`` and ``eval``. Model parts are chosen
+by ``type:`` (``model.mixer``, ``model.aggregator``, ``model.head``, ``model.captioner``); each
+type has its own settings class, next to its module in :mod:`pathm3.parts`. Loading is strict:
+an unknown key, a value of the wrong type or out of range is a :class:`~pathm3.errors.ConfigError`
+naming the file and the dotted key::
 
-    error: configs/x.yaml: model.qformer.num_querys is not a known key (did you mean num_queries?)
+    error: configs/x.yaml: model.aggregator.num_querys is not a known key (did you mean num_queries?)
+    error: configs/x.yaml: model.alpha must be less than or equal to 1, got 1.5
 
-Every CLI that takes ``--config`` also takes repeated ``--set key=value`` overrides whose values
-are parsed as YAML scalars (``--set train.max_epochs=3 --set data.classes=[a,b]``).
+Pydantic does the validation (discriminated unions for ``type:``, ranges, strict types); this
+module turns its errors into those lines. Every CLI that takes ``--config`` also takes repeated
+``--set key=value`` overrides whose values are parsed as YAML (``--set data.classes=[a,b]``).
 
     cfg = load_config("configs/demo.yaml", overrides=["train.seed=1"])
     save_config(cfg, run_dir / "config.yaml")
@@ -16,163 +20,162 @@ are parsed as YAML scalars (``--set train.max_epochs=3 --set data.classes=[a,b]`
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence, Union
 
 import yaml
+from pydantic import Field, ValidationError, model_validator
 
+from pathm3.config_errors import explain
 from pathm3.errors import ConfigError
+from pathm3.parts import AGGREGATORS, CAPTIONER_CONFIGS, CAPTIONERS, MIXERS, section_type
+from pathm3.parts.base import PartConfig as Section
+from pathm3.parts.heads import HeadConfig
+from pathm3.parts.nystrom import NystromConfig
+from pathm3.parts.qformer import QFormerConfig
+from pathm3.parts.t5 import T5CaptionerConfig
 
 # --------------------------------------------------------------------------------------------
 # Schema
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the bags and the manifest are, and how bags are fed to the model."""
 
-    manifest: str = ""  # CSV: slide_id,label,caption,split
+    manifest: str = ""  # CSV: slide_id,label,caption,split (multi-label: one column per class)
     bags_dir: str = ""  # folder of <slide_id>.h5 bags
-    classes: list[str] = field(default_factory=list)  # ordered class names (index = label id)
-    max_patches: int | None = None  # training only: random subset of at most this many patches
+    classes: list[str] = []  # ordered class names (index = label id)
+    multilabel: bool = False  # several findings per slide: one 1/0/empty manifest column per class
+    max_patches: int | None = Field(None, ge=1)  # training only: random subset of at most this many patches
     strip_class_words: bool = False  # remove class phrases from captions used as classifier input
-    num_workers: int = 0  # DataLoader worker processes
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes
 
 
-@dataclass
-class CorrelationConfig:
-    """Nyström self-attention over the bag: E = MSA(LN(E)) + E (paper §3.1)."""
+class ModelConfig(Section):
+    """The model: mixer -> aggregator -> head (+ captioner); paper Table 6 defaults."""
 
-    enabled: bool = True  # false: skip the module (ablation), only the input projection remains
-    hidden_dim: int = 1408  # width of the correlated patch embeddings (= Q-Former encoder width)
-    layers: int = 1
-    heads: int = 8
-    landmarks: int = 256
-    pinv_iterations: int = 6
-    dropout: float = 0.1
+    feature_dim: int = Field(1408, ge=1)  # width D of the bag features (ViT-g/14: 1408)
+    mixer: section_type(MIXERS) = Field(default_factory=NystromConfig)
+    aggregator: section_type(AGGREGATORS) = Field(default_factory=QFormerConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    captioner: section_type(CAPTIONERS, CAPTIONER_CONFIGS) = Field(default_factory=T5CaptionerConfig)
+    alpha: float = Field(0.5, ge=0, le=1)  # L = alpha * L_cls + (1 - alpha) * L_gen
+    patch_dropout: float = Field(0.25, ge=0, lt=1)  # training only: fraction of patches dropped from each bag
 
-
-@dataclass
-class QFormerConfig:
-    """BLIP-2 Q-Former: learnable queries that cross-attend to the patches."""
-
-    pretrained: str | None = None  # local BLIP-2 checkpoint folder (Q-Former + query tokens)
-    text_pretrained: str | None = None  # folder with Q-Former text embeddings (blip2-itm / BERT)
-    tokenizer: str | None = None  # BERT-style tokenizer folder for captions fed to the Q-Former
-    num_queries: int = 32
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    cross_attention_frequency: int = 2
-    vocab_size: int = 30522
-    max_text_length: int = 128
-    dropout: float = 0.1
-    # Weight init std of a randomly initialised Q-Former; null: 1/sqrt(hidden_size). BERT's
-    # 0.02 suits width 768 only: at small widths it leaves query-key logits flat, and the
-    # model memorises bag noise instead of learning where to look.
-    init_std: float | None = None
+    @model_validator(mode="before")
+    @classmethod
+    def _default_types(cls, raw: Any) -> Any:
+        """A section without ``type:`` is the default part (nystrom, qformer, t5)."""
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            for key, default in DEFAULT_TYPES.items():
+                if isinstance(raw.get(key), dict) and "type" not in raw[key]:
+                    raw[key] = {"type": default, **raw[key]}
+        return raw
 
 
-@dataclass
-class CaptionerConfig:
-    """Frozen FlanT5 fed the projected query outputs (paper §3.3)."""
-
-    enabled: bool = True
-    pretrained: str | None = None  # local FlanT5 or BLIP-2 FlanT5 checkpoint folder
-    tokenizer: str | None = None  # T5 tokenizer folder (defaults to `pretrained`)
-    freeze: bool = True  # the paper keeps the language model frozen
-    prompt: str = ""
-    max_caption_length: int = 128
-    # Generation defaults (override per call).
-    num_beams: int = 5
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    # Architecture of a randomly initialised T5 (only when `pretrained` is null: tests, demo).
-    d_model: int = 2048
-    num_layers: int = 24
-    num_decoder_layers: int | None = None
-    num_heads: int = 32
-    d_kv: int = 64
-    d_ff: int = 5120
-    vocab_size: int = 32128
+DEFAULT_TYPES = {"mixer": "nystrom", "aggregator": "qformer", "captioner": "t5"}
 
 
-@dataclass
-class ModelConfig:
-    """The PathM3 model (paper Table 6 defaults)."""
-
-    feature_dim: int = 1408  # width D of the bag features (ViT-g/14: 1408)
-    correlation: CorrelationConfig = field(default_factory=CorrelationConfig)
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
-    alpha: float = 0.5  # L = alpha * L_cls + (1 - alpha) * L_gen
-    text_input: Literal["always", "never", "dropout"] = "dropout"  # caption as classifier input
-    text_dropout: float = 0.5  # with text_input=dropout: P(drop the caption) in training
-    classifier_dropout: float = 0.1
-    patch_dropout: float = 0.25  # training only: fraction of patches dropped from each bag
-
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """Optimisation and run layout (paper Table 6 defaults)."""
 
     output_dir: str = "runs"
     name: str = "pathm3"
     task: Literal["multitask", "classification", "captioning"] = "multitask"
-    seed: int = 0
-    max_epochs: int = 50
-    max_steps: int = -1
-    batch_size: int = 16
-    accumulate_grad_batches: int = 1
-    lr: float = 1e-4
-    warmup_lr: float = 1e-5
-    warmup_steps: int = 1000
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    gradient_clip: float = 1.0
+    seed: int = Field(0, ge=0)
+    max_epochs: int = Field(50, ge=1)
+    max_steps: int = Field(-1, ge=-1)  # -1: no limit
+    batch_size: int = Field(16, ge=1)
+    accumulate_grad_batches: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    warmup_lr: float = Field(1e-5, ge=0)
+    warmup_steps: int = Field(1000, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    gradient_clip: float = Field(1.0, ge=0)  # 0: off
     precision: str = "auto"  # auto: bf16-mixed on CUDA, 32 on CPU
     accelerator: str = "auto"
     devices: Union[int, str, list[int]] = "auto"
-    num_nodes: int = 1
+    num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     monitor: str = "val/accuracy"
     monitor_mode: Literal["max", "min"] = "max"
-    check_val_every_n_epoch: int = 1
+    check_val_every_n_epoch: int = Field(1, ge=1)
     deterministic: bool = True
 
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_steps == 0:
+            raise ValueError("max_steps must be -1 (no limit) or at least 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        return self
 
-@dataclass
-class EvalConfig:
+
+class EvalConfig(Section):
     """Evaluation defaults."""
 
-    split: str = "test"
-    batch_size: int = 4
-    num_beams: int = 5
-    max_new_tokens: int = 64
+    split: Literal["train", "val", "test"] = "test"
+    batch_size: int = Field(4, ge=1)
+    num_beams: int = Field(5, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+    # Multi-label: probability at or above which a finding is predicted, one for all or per class.
+    thresholds: Union[float, dict[str, float]] = 0.5
+    tune_thresholds: bool = False  # multi-label: choose per-class thresholds on val (saved with the run)
 
 
-@dataclass
-class Config:
+class Config(Section):
     """A whole experiment: the four sections of a YAML file in ``configs/``."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        head = self.model.head.type
+        if head != "auto" and (head == "multi_label") != self.data.multilabel:
+            raise ValueError(f"model.head.type is {head} but data.multilabel is {self.data.multilabel} "
+                             "(use model.head.type: auto)")
+        if len(set(self.data.classes)) != len(self.data.classes):
+            raise ValueError(f"data.classes repeats a name: {self.data.classes}")
+        thresholds = self.eval.thresholds
+        values = thresholds.values() if isinstance(thresholds, dict) else [thresholds]
+        if not all(0 < t < 1 for t in values):
+            raise ValueError(f"eval.thresholds must lie in (0, 1), got {thresholds}")
+        if isinstance(thresholds, dict) and set(thresholds) - set(self.data.classes):
+            raise ValueError(f"eval.thresholds names unknown classes {sorted(set(thresholds) - set(self.data.classes))}")
+        return self
+
+    @property
+    def head_type(self) -> str:
+        """The head in use: ``model.head.type``, with ``auto`` resolved from ``data.multilabel``."""
+        if self.model.head.type != "auto":
+            return self.model.head.type
+        return "multi_label" if self.data.multilabel else "single_label"
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 with ``1e-4`` read as a float (plain PyYAML reads it as a string)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML as configs are read (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -180,17 +183,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
     Raises :class:`ConfigError` naming the file (or ``--set``) and the offending key.
     """
-    source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
-    cfg = _build(Config, raw, prefix="", source=source)
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    cfg = config_from_dict(raw, str(path) if path is not None else "<defaults>")
     return apply_overrides(cfg, overrides)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Build a validated :class:`Config` from a plain nested dict (e.g. stored in a checkpoint)."""
-    return _build(Config, raw, prefix="", source=source)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {explain(exc, Config)}") from None
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
@@ -203,53 +206,41 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if not sep or not key:
             raise ConfigError(f"{source}: expected KEY=VALUE, e.g. --set train.max_epochs=3")
         try:
-            value = yaml.safe_load(value_text) if value_text.strip() else None
+            value = parse_yaml(value_text) if value_text.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: value is not valid YAML ({exc.problem})") from None
+            raise ConfigError(f"{source}: value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
         parts = key.split(".")
-        node: Any = raw
-        node_type: Any = Config
-        for depth, part in enumerate(parts):
-            names = [f.name for f in dataclasses.fields(node_type)]
-            dotted = ".".join(parts[: depth + 1])
-            if part not in names:
-                raise ConfigError(f"{source}: {_unknown_key_message(dotted, part, names)}")
-            field_type = _field_types(node_type)[part]
-            if depth == len(parts) - 1:
-                node[part] = value
-            else:
-                if not dataclasses.is_dataclass(field_type):
-                    raise ConfigError(f"{source}: {dotted} is a value, not a section")
-                node = node[part]
-                node_type = field_type
-        cfg = _build(Config, raw, prefix="", source=source)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            node = child
+        if parts[-1] == "type" and len(parts) == 3 and node.get("type") != value:
+            node.clear()  # a part switched to another type starts from that type's defaults
+        node[parts[-1]] = value
+        cfg = config_from_dict(raw, source)
     return cfg
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
     """Add ``--config FILE`` and repeated ``--set KEY=VALUE`` to a CLI parser."""
-    parser.add_argument(
-        "--config", required=required, metavar="FILE", help="experiment YAML file (see configs/)"
-    )
+    parser.add_argument("--config", required=required, metavar="FILE", help="experiment YAML file (see configs/)")
     add_set_arg(parser)
 
 
 def add_set_arg(parser: argparse.ArgumentParser) -> None:
     """Add repeated ``--set KEY=VALUE`` config overrides (collected in ``args.overrides``)."""
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one config value, e.g. --set train.max_epochs=3 (repeatable; "
-        "VALUE is read as YAML, so lists look like [a,b])",
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set train.max_epochs=3 (repeatable; VALUE is read as YAML, so "
+        "lists look like [a,b]; --set model.aggregator.type=abmil switches a part to that type's defaults)",
     )
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict of a config dataclass (YAML/JSON friendly)."""
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg: Section) -> dict[str, Any]:
+    """Plain nested dict of a config (YAML/JSON friendly)."""
+    return cfg.model_dump(mode="json")
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> Path:
@@ -259,15 +250,13 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-# --------------------------------------------------------------------------------------------
-# Strict dataclass construction
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a config is YAML (see configs/)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -279,123 +268,25 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown_key_message(dotted: str, key: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]}?)" if close else f" (known keys: {', '.join(known)})"
-    return f"{dotted} is not a known key{hint}"
-
-
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    where = prefix.rstrip(".") or "the top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
-    types_ = _field_types(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"{source}: {_unknown_key_message(prefix + str(key), str(key), names)}")
-    kwargs = {}
-    for name in names:
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], types_[name], prefix + name, source)
-    return cls(**kwargs)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=key + ".", source=source)
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(value, option, key, source)
-            except ConfigError:
-                continue
-        raise _type_error(value, tp, key, source)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _type_error(value, tp, key, source)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(value, tp, key, source)
-        (item_type,) = typing.get_args(tp)
-        return [_coerce(v, item_type, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise _type_error(value, tp, key, source)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(value, tp, key, source)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(value, tp, key, source)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-4` as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(value, tp, key, source)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(value, tp, key, source)
-    raise TypeError(f"unsupported config annotation {tp!r} for {key}")  # a bug in the schema
-
-
-def _type_error(value: Any, tp: Any, key: str, source: str) -> ConfigError:
-    return ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # `python -m pathm3.config FILE [--set K=V ...]`: check a config and print it resolved.
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pathm3.config",
-        description="Check an experiment config and print it with defaults and overrides applied.",
-    )
-    parser.add_argument("config", metavar="FILE", help="experiment YAML file (see configs/)")
-    add_set_arg(parser)
     from pathm3.errors import add_debug_flag
 
+    parser = argparse.ArgumentParser(prog="python -m pathm3.config",
+                                     description="Check an experiment config and print it with defaults and "
+                                     "overrides applied.")
+    parser.add_argument("config", metavar="FILE", help="experiment YAML file (see configs/)")
+    add_set_arg(parser)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+    print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
     return 0
 
 
 if __name__ == "__main__":
-    import sys
-
     from pathm3.errors import run_cli
 
     sys.exit(run_cli(_main))

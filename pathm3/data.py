@@ -1,7 +1,9 @@
-"""Bags as model inputs: the bag dataset over manifest rows, and padding bags into batches."""
+"""Bags as model inputs: the bag dataset over manifest rows, and the collator that pads bags and
+tokenizes captions into a :class:`~pathm3.model.Batch` (so the model's forward takes tensors)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Sequence
 
@@ -39,18 +41,18 @@ def check_feature_width(bag_paths: Sequence[str | os.PathLike], feature_dim: int
             )
 
 
-def limit_patches(batch: dict[str, Any], max_patches: int | None) -> dict[str, Any]:
+def limit_patches(batch, max_patches: int | None):
     """Keep a random subset of at most ``max_patches`` real patches per bag (training only)."""
-    if not max_patches or batch["features"].shape[1] <= max_patches:
+    if not max_patches or batch.features.shape[1] <= max_patches:
         return batch
     bags = []
-    for feats, mask in zip(batch["features"], batch["mask"]):
+    for feats, mask in zip(batch.features, batch.mask):
         real = feats[mask]
         if len(real) > max_patches:
             real = real[torch.randperm(len(real), device=real.device)[:max_patches].sort().values]
         bags.append(real)
     feats, mask = pad_bags(bags)
-    return {**batch, "features": feats, "mask": mask}
+    return dataclasses.replace(batch, features=feats, mask=mask)
 
 
 def check_bags(slides: Sequence[Slide], feature_dim: int, progress: bool = True) -> None:
@@ -63,7 +65,7 @@ def check_bags(slides: Sequence[Slide], feature_dim: int, progress: bool = True)
 
 
 class BagDataset(Dataset):
-    """Manifest rows -> dicts of features (N, D) float32, coords, label (-100 if none), caption.
+    """Manifest rows -> dicts of features (N, D) float32, coords, targets (C,) (NaN unknown), caption.
 
     ``classifier_text`` maps a caption to the text the classifier sees (e.g. class words removed).
     Training bags are subsampled by :func:`limit_patches` inside the step, after it reseeds.
@@ -83,17 +85,26 @@ class BagDataset(Dataset):
         caption = s.caption
         cls_text = self.classifier_text(caption) if (caption and self.classifier_text) else caption
         return {"slide_id": s.slide_id, "features": feats, "coords": coords,
-                "label": -100 if s.label is None else s.label, "caption": caption, "classifier_caption": cls_text}
+                "targets": torch.tensor(s.targets, dtype=torch.float32), "caption": caption,
+                "classifier_caption": cls_text}
 
 
-def collate_bags(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pad a list of :class:`BagDataset` items into one batch for :class:`~pathm3.model.PathM3`."""
-    feats, mask = pad_bags([it["features"] for it in items])
-    return {
-        "slide_ids": [it["slide_id"] for it in items],
-        "features": feats,
-        "mask": mask,
-        "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
-        "captions": [it["caption"] for it in items],
-        "classifier_captions": [it["classifier_caption"] for it in items],
-    }
+class BagCollator:
+    """Pads :class:`BagDataset` items into a :class:`~pathm3.model.Batch` and tokenizes their
+    captions with the model's parts (captioner targets; classifier text for a text-reading aggregator).
+
+    ``tokenize`` is :meth:`pathm3.model.PathM3.tokenize`; without it captions stay untokenized."""
+
+    def __init__(self, tokenize: Callable | None = None):
+        self.tokenize = tokenize
+
+    def __call__(self, items: Sequence[dict[str, Any]]):
+        from pathm3.model import Batch
+
+        feats, mask = pad_bags([it["features"] for it in items])
+        captions = [it["caption"] for it in items]
+        caption_tokens, text = self.tokenize(captions, [it["classifier_caption"] for it in items]) \
+            if self.tokenize is not None else (None, None)
+        return Batch(slide_ids=[it["slide_id"] for it in items], features=feats, mask=mask,
+                     targets=torch.stack([it["targets"] for it in items]), captions=captions,
+                     caption_tokens=caption_tokens, text=text)

@@ -94,9 +94,9 @@ def run_demo(output: str | Path = "demo_output", n_slides: int = 60, seed: int =
     """Run the whole demo; returns the test metrics and the paths written."""
     from feature_extraction.extract import ExtractionSettings, find_slides, run
     from pathm3.config import load_config
-    from pathm3.evaluate import predict, write_json
+    from pathm3.evaluate import predict, write_predictions
     from pathm3.heatmap import export
-    from pathm3.manifest import read_manifest, write_manifest
+    from pathm3.manifest import one_hot, read_manifest, write_manifest
     from pathm3.pretrained import load_checkpoint
     from pathm3.train import train_one
 
@@ -127,11 +127,9 @@ def run_demo(output: str | Path = "demo_output", n_slides: int = 60, seed: int =
     step("4/5 pathm3-predict on the test slides")
     model, cfg, classes = load_checkpoint(run_dir / "checkpoints" / "best.safetensors")
     test = read_manifest(manifest, out / "bags", classes, splits=["test"])
-    unlabelled = [type(s)(s.slide_id, None, None, s.split, s.bag_path, s.row) for s in test]
+    unlabelled = [type(s)(s.slide_id, one_hot(None, len(classes)), None, s.split, s.bag_path, s.row) for s in test]
     preds = predict(model, unlabelled, classes, progress=False)
-    predictions = write_json([{"slide_id": r["slide_id"], "predicted_class": classes[int(r["probs_image_only"].argmax())],
-                               "probabilities": dict(zip(classes, map(float, r["probs_image_only"]))),
-                               "caption": r["caption_pred"]} for r in preds], out / "predictions.json")
+    predictions = write_predictions(preds, classes, out / "predictions.json")
 
     step("5/5 pathm3-heatmap on one test slide of each class")
     heatmaps = []

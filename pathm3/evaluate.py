@@ -1,14 +1,19 @@
-"""Running a trained model over bags: predictions, and the metrics of a labelled split.
+"""Running a trained model over bags: typed predictions, their one file format, and the metrics
+of a labelled split.
 
-``predict`` gives one row per slide (class and probabilities from the slide alone, from slide +
-caption when one is given, and a generated caption). ``evaluate`` turns the rows of a split into
-the metrics of ``pathm3-eval`` (a section is None when the split has no labels or no captions).
+:func:`predict` gives one :class:`Prediction` per slide (probabilities from the slide alone, from
+slide + caption when one is given, and a generated caption). :func:`write_predictions` is the one
+writer of ``predictions.csv`` / ``.json`` (eval, predict, the demo and the post-training evaluation
+all use it). :func:`evaluate` scores a split (a section is None when the split has no labels or
+no captions).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,98 +22,150 @@ import torch
 from torch.utils.data import DataLoader
 
 from pathm3.config import Config
-from pathm3.data import BagDataset, collate_bags
+from pathm3.data import BagCollator, BagDataset
 from pathm3.files import write_csv, write_text
 from pathm3.manifest import Slide
-from pathm3.metrics import caption_metrics, classification_metrics
+from pathm3.metrics import caption_metrics, classification_metrics, multilabel_metrics
 from pathm3.model import PathM3
 from pathm3.text import strip_class_words
+
+
+@dataclass
+class Prediction:
+    """One slide's prediction (probabilities are (C,) arrays; None where not computed)."""
+
+    slide_id: str
+    targets: np.ndarray  # (C,) 1/0, NaN unknown
+    caption_ref: str | None
+    probabilities: np.ndarray  # image only
+    probabilities_text: np.ndarray | None  # image + the slide's caption (class words stripped if configured)
+    probabilities_text_stripped: np.ndarray | None  # image + caption with class words stripped
+    caption_pred: str | None
+
+    @property
+    def labelled(self) -> bool:
+        return not np.isnan(self.targets).all()
 
 
 @torch.no_grad()
 def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, batch_size: int = 4,
             strip_words: bool = False, also_stripped: bool = False, captions: bool = True,
-            progress: bool = True, **generation: Any) -> list[dict[str, Any]]:
-    """One dict per slide: probabilities from the slide alone and, for captioned slides, from slide +
-    caption (class words removed with ``strip_words``; both ways with ``also_stripped``), and a
-    generated caption. One correlation pass per batch serves them all."""
+            progress: bool = True, **generation: Any) -> list[Prediction]:
+    """Predict every slide; one mixer pass per batch serves every output."""
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
     strip = lambda caps: [strip_class_words(c, classes) if c else c for c in caps]  # noqa: E731
-    loader = DataLoader(BagDataset(slides), batch_size=batch_size, collate_fn=collate_bags)
-    rows: list[dict[str, Any]] = []
+    tokenize = model.aggregator.tokenize if model.reads_text else None
+    loader = DataLoader(BagDataset(slides), batch_size=batch_size, collate_fn=BagCollator())
+    out: list[Prediction] = []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
-        refs = batch["captions"]
-        variants = {"image_text": strip(refs) if strip_words else refs}
+        refs = batch.captions
+        sets = {"text": strip(refs) if strip_words else refs}
         if also_stripped:
-            variants["image_text_stripped"] = strip(refs)
-        out = model.infer(batch["features"].to(device), batch["mask"].to(device), variants,
-                          generate=captions, **generation)
-        probs = {"image_only": out["logits"].softmax(-1).cpu().numpy()}
-        for name in variants:
-            logits = out[f"logits_{name}"]
-            probs[name] = None if logits is None else logits.softmax(-1).cpu().numpy()
-        generated = out.get("captions")
-        for i, sid in enumerate(batch["slide_ids"]):
-            row = {"slide_id": sid, "label": int(batch["labels"][i]), "caption_ref": refs[i],
-                   "probs_image_only": probs["image_only"][i],
-                   "caption_pred": generated[i] if generated is not None else None}
-            for name, texts in variants.items():
-                row[f"probs_{name}"] = probs[name][i] if (probs[name] is not None and texts[i]) else None
-            rows.append(row)
-    return rows
+            sets["text_stripped"] = strip(refs)
+        texts = {name: _tokens(tokenize, caps, device) for name, caps in sets.items()} if tokenize else {}
+        res = model.infer(batch.features.to(device), batch.mask.to(device), texts, generate=captions, **generation)
+        probs = res.probabilities.cpu().numpy()
+        text_probs = {k: (None if v is None else v.cpu().numpy()) for k, v in res.text_probabilities.items()}
+        for i, sid in enumerate(batch.slide_ids):
+            per_set = {k: (v[i] if v is not None and sets[k][i] else None) for k, v in text_probs.items()}
+            out.append(Prediction(sid, batch.targets[i].numpy(), refs[i], probs[i], per_set.get("text"),
+                                  per_set.get("text_stripped"), res.captions[i] if res.captions else None))
+    return out
 
 
-def evaluate_rows(rows: Sequence[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    """Metrics of ``pathm3-eval`` from :func:`predict` rows."""
-    labelled = [r for r in rows if r["label"] != -100]
-    captioned = [r for r in rows if r["caption_ref"] and r["caption_pred"] is not None]
+def _tokens(tokenize, captions, device):
+    if not any(captions):
+        return None
+    t = tokenize(captions)
+    return type(t)(t.ids.to(device), t.mask.to(device))
 
-    def cls(key):
-        rs = [r for r in labelled if r.get(key) is not None]
+
+def thresholds_of(cfg: Config, classes: Sequence[str]) -> np.ndarray:
+    """Per-class decision thresholds (C,) of a multi-label model from ``eval.thresholds``."""
+    t = cfg.eval.thresholds
+    return np.array([t.get(c, 0.5) for c in classes] if isinstance(t, dict) else [t] * len(classes))
+
+
+def decide(probs: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = None) -> np.ndarray:
+    """Predicted class index (single-label) or 0/1 per class (multi-label) from probabilities."""
+    if not multilabel:
+        return probs.argmax(-1)
+    return (probs >= (0.5 if thresholds is None else thresholds)).astype(int)
+
+
+def evaluate_predictions(preds: Sequence[Prediction], classes: Sequence[str], multilabel: bool = False,
+                         thresholds: np.ndarray | None = None) -> dict[str, Any]:
+    """The ``metrics.json`` of ``pathm3-eval`` from predictions."""
+    labelled = [p for p in preds if p.labelled]
+    captioned = [p for p in preds if p.caption_ref and p.caption_pred is not None]
+
+    def cls(attr: str):
+        rs = [p for p in labelled if getattr(p, attr) is not None]
         if not rs:
             return None
-        return classification_metrics([r["label"] for r in rs], np.stack([r[key] for r in rs]), num_classes)
+        targets, probs = np.stack([p.targets for p in rs]), np.stack([getattr(p, attr) for p in rs])
+        if multilabel:
+            return multilabel_metrics(targets, probs, list(classes), thresholds)
+        return classification_metrics(targets.argmax(1).tolist(), probs, len(classes))
 
     classification = None
     if labelled:
-        classification = {"image_only": cls("probs_image_only"), "image_text": cls("probs_image_text")}
-        if classification["image_text"] and "probs_image_text_stripped" in labelled[0]:
-            classification["image_text_class_words_stripped"] = cls("probs_image_text_stripped")
+        classification = {"image_only": cls("probabilities"), "image_text": cls("probabilities_text")}
+        if classification["image_text"] and any(p.probabilities_text_stripped is not None for p in labelled):
+            classification["image_text_class_words_stripped"] = cls("probabilities_text_stripped")
     return {
-        "n_slides": len(rows),
+        "n_slides": len(preds),
         "classification": classification,
         "captioning": None if not captioned else caption_metrics(
-            {r["slide_id"]: [r["caption_ref"]] for r in captioned},
-            {r["slide_id"]: r["caption_pred"] for r in captioned}),
+            {p.slide_id: [p.caption_ref] for p in captioned}, {p.slide_id: p.caption_pred for p in captioned}),
     }
 
 
 def evaluate(model: PathM3, cfg: Config, classes: Sequence[str], slides: Sequence[Slide],
-             progress: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             progress: bool = True) -> tuple[dict[str, Any], list[Prediction]]:
     """Predict a split and score it. With ``data.strip_class_words`` false, the image+text accuracy
     with class words removed from the captions is reported too (``image_text_class_words_stripped``)."""
-    rows = predict(model, slides, classes, batch_size=cfg.eval.batch_size, strip_words=cfg.data.strip_class_words,
-                   also_stripped=not cfg.data.strip_class_words, progress=progress,
-                   num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
-    return evaluate_rows(rows, len(classes)), rows
+    preds = predict(model, slides, classes, batch_size=cfg.eval.batch_size, strip_words=cfg.data.strip_class_words,
+                    also_stripped=not cfg.data.strip_class_words, progress=progress,
+                    num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
+    return evaluate_predictions(preds, classes, model.multilabel, thresholds_of(cfg, classes)), preds
 
 
-def write_predictions(rows: Sequence[dict[str, Any]], classes: Sequence[str], path: str | os.PathLike) -> Path:
-    """predictions.csv: slide_id, label, pred_image_only, pred_image_text, prob_<class>..., captions."""
-    fields = ["slide_id", "label", "pred_image_only", "pred_image_text", *[f"prob_{c}" for c in classes],
-              "caption_ref", "caption_pred"]
-    records = ({
-        "slide_id": r["slide_id"],
-        "label": classes[r["label"]] if r["label"] != -100 else "",
-        "pred_image_only": classes[int(np.argmax(r["probs_image_only"]))],
-        "pred_image_text": classes[int(np.argmax(r["probs_image_text"]))] if r["probs_image_text"] is not None else "",
-        **{f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, r["probs_image_only"])},
-        "caption_ref": r["caption_ref"] or "",
-        "caption_pred": r["caption_pred"] or "",
-    } for r in rows)
+# --------------------------------------------------------------------------------------------
+# The one predictions file
+
+
+def prediction_record(p: Prediction, classes: Sequence[str], multilabel: bool,
+                      thresholds: np.ndarray | None = None) -> dict[str, Any]:
+    """One row of ``predictions.csv``. Single-label: ``slide_id, label, pred_image_only, pred_image_text,
+    prob_<class>..., caption_ref, caption_pred``; multi-label: ``label`` (known positives) and
+    ``pred_labels`` / ``pred_labels_image_text`` are ``;``-joined class names."""
+    def name(probs):
+        if probs is None:
+            return ""
+        chosen = decide(probs, multilabel, thresholds)
+        return ";".join(c for c, on in zip(classes, chosen) if on) if multilabel else classes[int(chosen)]
+
+    truth = ";".join(c for c, t in zip(classes, p.targets) if t == 1) if multilabel else \
+        ("" if not p.labelled else classes[int(np.nanargmax(p.targets))])
+    preds = {"pred_labels": name(p.probabilities), "pred_labels_image_text": name(p.probabilities_text)} \
+        if multilabel else {"pred_image_only": name(p.probabilities), "pred_image_text": name(p.probabilities_text)}
+    return {"slide_id": p.slide_id, "label": truth, **preds,
+            **{f"prob_{c}": round(float(v), 6) for c, v in zip(classes, p.probabilities)},
+            "caption_ref": p.caption_ref or "", "caption_pred": p.caption_pred or ""}
+
+
+def write_predictions(preds: Sequence[Prediction], classes: Sequence[str], path: str | os.PathLike,
+                      multilabel: bool = False, thresholds: np.ndarray | None = None) -> Path:
+    """Write predictions as CSV (or JSON when ``path`` ends in .json), atomically."""
+    records = [prediction_record(p, classes, multilabel, thresholds) for p in preds]
+    if str(path).lower().endswith(".json"):
+        return write_json(records, path)
+    fields = list(prediction_record(Prediction("", np.full(len(classes), math.nan), None, np.zeros(len(classes)),
+                                               None, None, None), classes, multilabel))
     return write_csv(path, records, fields)
 
 

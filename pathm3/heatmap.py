@@ -4,8 +4,10 @@ For one bag: ``<slide_id>_scores.csv`` (x, y, score, rank per patch), ``<slide_i
 (the patches as level-0 squares with their score, which QuPath imports as detections) and, with
 the slide file, ``<slide_id>_heatmap.png`` (thumbnail + coloured overlay) and
 ``<slide_id>_top5.png`` (the top-k patches at the bag's magnification); for patch-folder bags
-the montage comes from the patch images. Scores come from :meth:`PathM3.patch_scores`, which
-never builds an M x M matrix.
+the montage comes from the patch images. Scores are the aggregator's own per-patch scores (the
+Q-Former's cross-attention, ABMIL's attention, ...; never an M x M matrix) or, for one class
+(``class_name``, e.g. a finding of a multi-label model), each patch's contribution to that
+class's logit (:meth:`PathM3.class_contributions`, gradient x input).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ class BagExplanation:
     bag: Bag
     scores: np.ndarray  # (M,)
     per_query: np.ndarray | None  # (K, M)
-    predicted: str
+    predicted: str  # class name (multi-label: the ;-joined findings at the model's thresholds)
     probabilities: np.ndarray  # (C,)
     caption: str | None
+    method: str = "attention"  # or "contribution to <class>"
 
     @property
     def ranks(self) -> np.ndarray:
@@ -49,20 +52,28 @@ class BagExplanation:
 
 @torch.no_grad()
 def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, per_query: bool = False,
-            caption: bool = True) -> BagExplanation:
-    """Patch scores, predicted class and generated caption for one bag."""
+            caption: bool = True, class_name: str | None = None, thresholds: np.ndarray | None = None
+            ) -> BagExplanation:
+    """Patch scores, predicted class(es) and generated caption for one bag."""
+    from pathm3.evaluate import decide
+
     model.eval()
     check_feature_width([bag_path], model.cfg.feature_dim)
     bag = read_bag(bag_path, dtype="float32")
     device = next(model.parameters()).device
     feats = torch.from_numpy(bag.features)[None].to(device)  # (1, M, D)
     mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
-    out = model.infer(feats, mask, generate=caption, scores=True, per_query=per_query)
-    scores = out["patch_scores"][0].cpu().numpy()  # (M,) or (K, M)
-    probs = out["logits"].softmax(-1)[0].cpu().numpy()
-    text = out["captions"][0] if "captions" in out else None
-    return BagExplanation(bag, scores.mean(0) if per_query else scores, scores if per_query else None,
-                          classes[int(probs.argmax())], probs, text)
+    out = model.infer(feats, mask, generate=caption)
+    scores, method = out.scores[0].cpu().numpy(), "attention"  # (M,)
+    if class_name is not None:
+        scores = model.class_contributions(feats, mask, list(classes).index(class_name))[0].cpu().numpy()
+        method = f"contribution to {class_name}"
+    per = out.query_scores[0].cpu().numpy() if (per_query and out.query_scores is not None) else None
+    probs = out.probabilities[0].cpu().numpy()
+    chosen = decide(probs, model.multilabel, thresholds)
+    predicted = ";".join(c for c, on in zip(classes, chosen) if on) or "none" if model.multilabel \
+        else classes[int(chosen)]
+    return BagExplanation(bag, scores, per, predicted, probs, out.captions[0] if out.captions else None, method)
 
 
 def write_scores_csv(ex: BagExplanation, path: Path) -> Path:
@@ -79,6 +90,7 @@ def write_geojson(ex: BagExplanation, path: Path) -> Path:
     """A FeatureCollection of level-0 squares; QuPath: File > Import objects from file."""
     size = int(ex.bag.attrs.get("patch_size_level0") or ex.bag.attrs.get("patch_size") or 224)
     ranks = ex.ranks
+    measure = "PathM3 attention" if ex.method == "attention" else "PathM3 contribution"
     features = []
     for i, (x, y) in enumerate(ex.bag.coords.tolist()):
         square = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
@@ -86,13 +98,13 @@ def write_geojson(ex: BagExplanation, path: Path) -> Path:
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [square]},
             "properties": {"objectType": "detection", "name": f"rank {int(ranks[i])}",
-                           "measurements": {"PathM3 attention": float(ex.scores[i]), "PathM3 rank": int(ranks[i])}},
+                           "measurements": {measure: float(ex.scores[i]), "PathM3 rank": int(ranks[i])}},
         })
     return write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
 
 
 def _title(ex: BagExplanation) -> str:
-    title = f"{ex.bag.slide_id}: predicted {ex.predicted} ({ex.probabilities.max():.0%})"
+    title = f"{ex.bag.slide_id}: predicted {ex.predicted} ({ex.probabilities.max():.0%}); scores: {ex.method}"
     if ex.caption:
         title += "\n" + "\n".join(textwrap.wrap(f"“{ex.caption}”", 90))
     return title
@@ -124,7 +136,7 @@ def write_heatmap_png(ex: BagExplanation, slide_path: Path, path: Path) -> Path:
     ax.imshow(thumb)
     im = ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
     cbar = fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02)
-    cbar.set_label("attention (min-max scaled)")
+    cbar.set_label(f"{ex.method} (min-max scaled)")
     ax.set_title(_title(ex), fontsize=9, loc="left")
     ax.axis("off")
     fig.tight_layout()
@@ -187,11 +199,12 @@ def write_montage(ex: BagExplanation, patches, path: Path) -> Path:
 
 
 def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, out_dir: str | os.PathLike,
-           slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False) -> dict[str, Path]:
+           slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False,
+           class_name: str | None = None, thresholds: np.ndarray | None = None) -> dict[str, Path]:
     """Write every output for one bag; returns {kind: path}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ex = explain(model, classes, bag_path, per_query=per_query)
+    ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds)
     sid = ex.bag.slide_id
     written = {"scores": write_scores_csv(ex, out / f"{sid}_scores.csv"),
                "geojson": write_geojson(ex, out / f"{sid}.geojson")}

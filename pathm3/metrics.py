@@ -106,3 +106,53 @@ def classification_metrics(labels: Sequence[int], probs: np.ndarray, num_classes
         "auroc": auroc,
         "confusion_matrix": confusion_matrix(y, pred, labels=classes).tolist(),
     }
+
+
+def multilabel_metrics(targets: np.ndarray, probs: np.ndarray, classes: list[str],
+                       thresholds: np.ndarray | None = None) -> dict:
+    """Several findings per slide, scored on the known (slide, class) entries only (NaN = unknown):
+    micro_f1, macro_f1, hamming_loss, subset_accuracy (slides with every entry known), macro_auroc
+    (classes with both values known), and per_class {name: precision, recall, f1, auroc}."""
+    from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+    known = ~np.isnan(targets)
+    pred = (probs >= (0.5 if thresholds is None else thresholds)).astype(int)
+    truth = np.nan_to_num(targets).astype(int)
+    per_class, aurocs = {}, []
+    for c, name in enumerate(classes):
+        k = known[:, c]
+        y, p = truth[k, c], pred[k, c]
+        auroc = float(roc_auc_score(y, probs[k, c])) if len(np.unique(y)) == 2 else None
+        if auroc is not None:
+            aurocs.append(auroc)
+        per_class[name] = {"precision": float(precision_score(y, p, zero_division=0)),
+                           "recall": float(recall_score(y, p, zero_division=0)),
+                           "f1": float(f1_score(y, p, zero_division=0)), "auroc": auroc}
+    complete = known.all(axis=1)
+    return {
+        "micro_f1": float(f1_score(truth[known], pred[known], zero_division=0)),
+        "macro_f1": float(np.mean([v["f1"] for v in per_class.values()])),
+        "hamming_loss": float((truth[known] != pred[known]).mean()),
+        "subset_accuracy": float((truth[complete] == pred[complete]).all(axis=1).mean()) if complete.any() else None,
+        "macro_auroc": float(np.mean(aurocs)) if aurocs else None,
+        "per_class": per_class,
+    }
+
+
+def tune_thresholds(targets: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per-class thresholds (C,) that maximise F1 on the known entries (e.g. of the validation
+    split): the midpoint between neighbouring probabilities with the best F1; 0.5 where a class
+    has no known positive and negative."""
+    from sklearn.metrics import f1_score
+
+    out = np.full(targets.shape[1], 0.5)
+    for c in range(targets.shape[1]):
+        k = ~np.isnan(targets[:, c])
+        y, p = targets[k, c].astype(int), probs[k, c]
+        if len(np.unique(y)) < 2:
+            continue
+        values = np.unique(p)
+        candidates = (values[:-1] + values[1:]) / 2 if len(values) > 1 else values
+        scores = [f1_score(y, (p >= t).astype(int), zero_division=0) for t in candidates]
+        out[c] = float(np.clip(candidates[int(np.argmax(scores))], 1e-6, 1 - 1e-6))
+    return out

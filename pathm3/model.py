@@ -1,431 +1,234 @@
-"""The PathM3 model: Nyström correlation -> Q-Former (+ caption) -> averaged linear classifier,
-and Q-Former queries -> projection -> frozen FlanT5 captioner.
+"""The PathM3 model as a chain of parts, each chosen by ``type:`` from :mod:`pathm3.parts`.
 
-Shapes: B bags, M patches (padded), D feature width, H correlation width, K queries,
-Q Q-Former width, T caption tokens, C classes, d T5 width.
+Shapes: B bags, M patches (padded), D feature width, H mixer width, K tokens, Q token width,
+C classes.
 
     feats (B, M, D), mask (B, M)
-      -> Correlation:   E = MSA(LN(E)) + E                      (B, M, H)
-      -> Q-Former:      K queries [+ T caption tokens] x-attend (B, K, Q)
-      -> classifier:    Linear(Q, C) per query, mean over K     (B, C)      L_cls
-      -> captioner:     Linear(Q, d), [queries; prompt] -> T5   caption     L_gen
+      -> mixer        e.g. Nyström correlation: E = MSA(LN(E)) + E        (B, M, H)
+      -> aggregator   e.g. Q-Former: K queries [+ caption tokens]         (B, K, Q)   + scores (B, M)
+      -> head         Linear(Q, C) per token, mean over K                 (B, C)      L_cls
+      -> captioner    e.g. Linear(Q, d) -> frozen FlanT5                  caption     L_gen
     L = alpha * L_cls + (1 - alpha) * L_gen
 
-Build it with :func:`build_model` (which loads pretrained parts from local folders) or
-:func:`pathm3.pretrained.load_checkpoint` (our own checkpoints).
+PathM3 is ``nystrom -> qformer -> linear head -> t5``; the MIL baselines are ``none -> abmil``
+(or transmil, dsmil, clam_sb, mean, max) with the same head and, optionally, the same captioner.
+Build it with :func:`pathm3.pretrained.build_model` (loads pretrained parts from local folders)
+or :func:`pathm3.pretrained.load_checkpoint`.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from nystrom_attention import NystromAttention
 from torch import nn
-from transformers import Blip2QFormerConfig, Blip2QFormerModel, T5Config, T5ForConditionalGeneration
-from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
-from pathm3.config import CaptionerConfig, ModelConfig
-from pathm3.text import clean_caption
-
-# --------------------------------------------------------------------------------------------
-# Correlation module
+from pathm3.config import ModelConfig
+from pathm3.parts import AGGREGATORS, CAPTIONERS, HEADS, MIXERS
+from pathm3.parts.base import AggregatorOutput, TextBatch
 
 
-class NystromBlock(nn.Module):
-    """One pre-norm residual Nyström self-attention layer: E = MSA(LN(E)) + E."""
+@dataclass
+class Batch:
+    """A padded batch of bags, as :class:`pathm3.data.BagCollator` makes it."""
 
-    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, dropout: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(
-            dim=dim,
-            dim_head=dim // heads,
-            heads=heads,
-            num_landmarks=landmarks,
-            pinv_iterations=pinv_iterations,
-            residual=True,
-            dropout=dropout,
-        )
-        # Zero-initialised output: the block starts as the identity and only learns to mix
-        # patches when that lowers the loss, which keeps small cohorts from memorising noise.
-        nn.init.zeros_(self.attn.to_out[0].weight)
-        nn.init.zeros_(self.attn.to_out[0].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (1, n, H) -> (1, n, H)
-        return x + self.attn(self.norm(x))
+    slide_ids: list[str]
+    features: torch.Tensor  # (B, M, D)
+    mask: torch.Tensor  # (B, M) bool, True on real patches
+    targets: torch.Tensor  # (B, C) float: 1/0 per class, NaN unknown
+    captions: list[str | None] = field(default_factory=list)  # reference captions (metrics)
+    caption_tokens: TextBatch | None = None  # the captioner's targets
+    text: TextBatch | None = None  # captions as classifier input (class words stripped if asked)
 
 
-class Correlation(nn.Module):
-    """Input projection D -> H, then ``layers`` Nyström blocks over each bag's real patches.
+@dataclass
+class ModelOutput:
+    """One training/validation step."""
 
-    Each bag runs alone at its true length. The library's landmark groups depend on the padded
-    length and its pseudo-inverse is scaled by a batch-wide maximum, so running the padded batch
-    through it would make a bag's output depend on its padding and on its batch neighbours.
-    """
-
-    def __init__(self, cfg, feature_dim: int):
-        super().__init__()
-        h = cfg.hidden_dim
-        self.proj = nn.Identity() if feature_dim == h else nn.Linear(feature_dim, h)
-        n_layers = cfg.layers if cfg.enabled else 0
-        self.blocks = nn.ModuleList(
-            NystromBlock(h, cfg.heads, cfg.landmarks, cfg.pinv_iterations, cfg.dropout)
-            for _ in range(n_layers)
-        )
-
-    def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.proj(feats)  # (B, M, H)
-        if len(self.blocks) == 0:
-            return x
-        out = torch.zeros_like(x)
-        for b in range(x.shape[0]):
-            e = x[b, mask[b]].unsqueeze(0)  # (1, n_b, H): this bag's real patches
-            for block in self.blocks:
-                e = block(e)
-            out[b, mask[b]] = e[0]
-        return out  # (B, M, H), zeros at padding
+    loss: torch.Tensor  # alpha * loss_cls + (1 - alpha) * loss_gen
+    loss_cls: torch.Tensor  # detached
+    loss_gen: torch.Tensor  # detached
+    logits: torch.Tensor  # (B, C) from the classifier's input (with the caption when it was used)
 
 
-# --------------------------------------------------------------------------------------------
-# PathM3
+@dataclass
+class Inference:
+    """Everything inference gives for a batch, from one pass of the mixer."""
 
-
-def qformer_config(cfg: ModelConfig) -> Blip2QFormerConfig:
-    """Q-Former architecture for a randomly initialised model (text input enabled)."""
-    q = cfg.qformer
-    return Blip2QFormerConfig(
-        vocab_size=q.vocab_size,
-        hidden_size=q.hidden_size,
-        num_hidden_layers=q.num_layers,
-        num_attention_heads=q.num_heads,
-        intermediate_size=q.intermediate_size,
-        hidden_dropout_prob=q.dropout,
-        attention_probs_dropout_prob=q.dropout,
-        max_position_embeddings=max(q.max_text_length, 32),
-        cross_attention_frequency=q.cross_attention_frequency,
-        encoder_hidden_size=cfg.correlation.hidden_dim,
-        use_qformer_text_input=True,
-        pad_token_id=0,
-        initializer_range=q.init_std if q.init_std is not None else q.hidden_size**-0.5,
-    )
-
-
-def t5_config(c: CaptionerConfig) -> T5Config:
-    """FlanT5-style architecture for a randomly initialised captioner."""
-    return T5Config(
-        vocab_size=c.vocab_size,
-        d_model=c.d_model,
-        d_kv=c.d_kv,
-        d_ff=c.d_ff,
-        num_layers=c.num_layers,
-        num_decoder_layers=c.num_decoder_layers,
-        num_heads=c.num_heads,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
+    logits: torch.Tensor  # (B, C) image only
+    probabilities: torch.Tensor  # (B, C) softmax (single-label) or sigmoid (multi-label)
+    text_probabilities: dict[str, torch.Tensor | None]  # per caption set: (B, C), None when unused
+    captions: list[str] | None  # generated, when asked and the model has a captioner
+    scores: torch.Tensor  # (B, M) per-patch scores of the aggregator, 0 at padding
+    query_scores: torch.Tensor | None  # (B, K, M) per token, when the aggregator has them
 
 
 class PathM3(nn.Module):
-    """Multimodal multi-task MIL over a bag of patch features.
+    """mixer -> aggregator -> head (+ captioner), built from the ``model`` config section.
 
     Args:
-        cfg: the ``model`` section of the config.
-        num_classes: C, the length of ``data.classes``.
-        qformer_tokenizer / t5_tokenizer: tokenizers for captions fed to the Q-Former and for
-            the captioner's targets (may be the same object for tiny models).
-        qformer_cfg / t5_cfg: architectures (taken from pretrained checkpoints when loading).
+        cfg: the ``model`` section; num_classes: C; head: ``single_label`` or ``multi_label``.
+        text_tokenizer: for captions fed to an aggregator that reads text (the Q-Former).
+        caption_tokenizer: the captioner's tokenizer.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        num_classes: int,
-        qformer_tokenizer=None,
-        t5_tokenizer=None,
-        qformer_cfg: Blip2QFormerConfig | None = None,
-        t5_cfg: T5Config | None = None,
-    ):
+    def __init__(self, cfg: ModelConfig, num_classes: int, head: str = "single_label",
+                 text_tokenizer=None, caption_tokenizer=None):
         super().__init__()
-        self.cfg = cfg
-        self.num_classes = num_classes
-        self.qformer_tokenizer = qformer_tokenizer
-        self.t5_tokenizer = t5_tokenizer
-        qcfg = qformer_cfg or qformer_config(cfg)
-        self.correlation = Correlation(cfg.correlation, cfg.feature_dim)
-        self.query_tokens = nn.Parameter(
-            torch.randn(1, cfg.qformer.num_queries, qcfg.hidden_size) * qcfg.initializer_range
-        )
-        self.text_embeddings = Blip2TextEmbeddings(qcfg)
-        self.qformer = Blip2QFormerModel(qcfg)
-        self.classifier_dropout = nn.Dropout(cfg.classifier_dropout)
-        self.classifier = nn.Linear(qcfg.hidden_size, num_classes)
-        self.t5: T5ForConditionalGeneration | None = None
-        if cfg.captioner.enabled:
-            tcfg = t5_cfg or t5_config(cfg.captioner)
-            self.language_projection = nn.Linear(qcfg.hidden_size, tcfg.d_model)
-            self.t5 = T5ForConditionalGeneration(tcfg)
-            if cfg.captioner.freeze:
-                self.t5.requires_grad_(False)
-                self.t5.eval()
+        self.cfg, self.num_classes = cfg, num_classes
+        self.mixer = MIXERS[cfg.mixer.type](cfg.mixer, cfg.feature_dim)
+        aggregator = AGGREGATORS[cfg.aggregator.type]
+        extra = {"tokenizer": text_tokenizer} if aggregator.takes_text else {}
+        self.aggregator = aggregator(cfg.aggregator, self.mixer.out_dim, num_classes, **extra)
+        self.head = HEADS[head](cfg.head, self.aggregator.out_dim, num_classes)
+        captioner = CAPTIONERS[cfg.captioner.type]
+        self.captioner = captioner(cfg.captioner, self.aggregator.out_dim, caption_tokenizer) if captioner else None
 
     # ---------------------------------------------------------------- bookkeeping
 
     @property
-    def t5_frozen(self) -> bool:
-        return self.t5 is not None and self.cfg.captioner.freeze
+    def multilabel(self) -> bool:
+        return self.head.multilabel
 
-    def train(self, mode: bool = True) -> "PathM3":
-        super().train(mode)
-        if self.t5_frozen:
-            self.t5.eval()  # frozen parts never run in training mode (no dropout)
-        return self
+    @property
+    def reads_text(self) -> bool:
+        """Whether captions can be classifier input (a text-reading aggregator, text_input not never)."""
+        return self.aggregator.takes_text and self.cfg.aggregator.text_input != "never"
+
+    def parts(self) -> dict[str, nn.Module]:
+        """The model's parts by name (what ``train.param_groups`` and summaries refer to)."""
+        named = {"mixer": self.mixer, "aggregator": self.aggregator, "head": self.head}
+        return named | ({"captioner": self.captioner} if self.captioner is not None else {})
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs that receive gradients; the optimizer gets only these."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    def use_bf16_captioner(self) -> None:
-        """On CUDA, run the frozen T5 in bf16; called on each captioner use, a no-op on CPU."""
-        p = next(self.t5.parameters())
-        if self.t5_frozen and p.is_cuda and p.dtype != torch.bfloat16:
-            self.t5.to(torch.bfloat16)
+    def frozen_pretrained_prefixes(self) -> list[str]:
+        """State-dict prefixes of frozen weights that load from folders and are never checkpointed."""
+        out = []
+        for name, part in self.parts().items():
+            prefix = getattr(part, "frozen_pretrained_prefix", None)
+            if prefix:
+                out.append(f"{name}.{prefix}")
+        return out
 
-    # ---------------------------------------------------------------- building blocks
+    def load_pretrained(self) -> None:
+        """Let every part load its pretrained weights from the local folders its config names."""
+        for part in self.parts().values():
+            if hasattr(part, "load_pretrained"):
+                part.load_pretrained()
 
-    def _qformer(
-        self,
-        patches: torch.Tensor,  # (B, M, H)
-        mask: torch.Tensor,  # (B, M) bool
-        texts: Sequence[str | None] | None = None,  # B captions joining the queries' self-attention
-    ) -> torch.Tensor:
-        b = patches.shape[0]
-        queries = self.query_tokens.expand(b, -1, -1)  # (B, K, Q)
-        k = queries.shape[1]
-        # Additive (B, 1, 1, M) mask: exact under both eager and SDPA attention, and it
-        # broadcasts over the K query rows of cross-attention even when text is present.
-        enc_mask = torch.zeros(mask.shape, dtype=patches.dtype, device=patches.device)
-        enc_mask = enc_mask.masked_fill(~mask, torch.finfo(patches.dtype).min)[:, None, None, :]
-        if texts is None:
-            hidden, attn_mask = queries, None
-        else:
-            text_ids, text_mask = self._tokenize_qformer_text(texts, patches.device)  # (B, T)
-            hidden = self.text_embeddings(input_ids=text_ids, query_embeds=queries)  # (B, K+T, Q)
-            ones = torch.ones(b, k, dtype=text_mask.dtype, device=text_mask.device)
-            attn_mask = torch.cat([ones, text_mask], dim=1)  # (B, K+T)
-        out = self.qformer(
-            query_embeds=hidden,
-            query_length=k,
-            attention_mask=attn_mask,
-            encoder_hidden_states=patches,
-            encoder_attention_mask=enc_mask,
-        )
-        return out.last_hidden_state[:, :k]  # (B, K, Q): query positions only
+    def set_tokenizers(self, text_tokenizer=None, caption_tokenizer=None) -> None:
+        """Give the text-reading aggregator and the captioner their tokenizers."""
+        if self.aggregator.takes_text:
+            self.aggregator.tokenizer = text_tokenizer
+        if self.captioner is not None:
+            self.captioner.tokenizer = caption_tokenizer
 
-    def _logits(self, query_out: torch.Tensor) -> torch.Tensor:
-        per_query = self.classifier(self.classifier_dropout(query_out))  # (B, K, C)
-        return per_query.mean(dim=1)  # (B, C)
+    def tokenize(self, captions: Sequence[str | None], classifier_captions: Sequence[str | None] | None = None
+                 ) -> tuple[TextBatch | None, TextBatch | None]:
+        """(captioner targets, classifier text) token batches for a batch's captions."""
+        if not any(captions):
+            return None, None
+        targets = self.captioner.tokenize(captions) if self.captioner is not None else None
+        cls_caps = classifier_captions if classifier_captions is not None else captions
+        text = self.aggregator.tokenize(cls_caps) if self.reads_text and any(cls_caps) else None
+        return targets, text
 
-    def _tokenize_qformer_text(self, captions: Sequence[str | None], device) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.qformer_tokenizer(
-            [c or "" for c in captions],
-            padding="longest",
-            truncation=True,
-            max_length=self.cfg.qformer.max_text_length,
-            return_tensors="pt",
-        )
-        ids, tmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        absent = torch.tensor([c is None for c in captions], device=device)
-        tmask = tmask.masked_fill(absent[:, None], 0)  # a slide without a caption sees no text
-        return ids, tmask
+    # ---------------------------------------------------------------- training
 
-    def _text_for_classifier(self, captions: Sequence[str | None] | None) -> list[str | None] | None:
-        mode = self.cfg.text_input
-        if captions is None or mode == "never":
-            return None
-        texts = list(captions)
-        if mode == "dropout" and self.training:
-            drop = (torch.rand(len(texts)) < self.cfg.text_dropout).tolist()
-            texts = [None if d else t for t, d in zip(texts, drop)]
-        return texts if any(t for t in texts) else None
+    def forward(self, batch: Batch) -> ModelOutput:
+        """Losses and logits of a training/validation step."""
+        mask = self._drop_patches(batch.mask)
+        x = self.mixer(batch.features, mask)  # (B, M, H)
+        image = self.aggregator(x, mask, batch.targets)  # tokens (B, K, Q)
+        text = self.aggregator.text_for_classifier(batch.text) if self.reads_text else None
+        for_classifier = image if text is None else self.aggregator(x, mask, batch.targets, text)
+        logits, loss_cls = self._classify(for_classifier, batch.targets)  # (B, C)
 
-    def _t5_inputs(self, query_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.use_bf16_captioner()
-        t5_dtype = next(self.t5.parameters()).dtype
-        prefix = self.language_projection(query_out).to(t5_dtype)  # (B, K, d)
-        prompt = self.cfg.captioner.prompt
-        if prompt:
-            ids = self.t5_tokenizer(prompt, return_tensors="pt")["input_ids"].to(prefix.device)
-            prompt_emb = self.t5.get_input_embeddings()(ids).expand(prefix.shape[0], -1, -1)  # (B, P, d)
-            prefix = torch.cat([prefix, prompt_emb], dim=1)  # (B, K+P, d)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        return prefix, mask
+        alpha = self.cfg.alpha
+        loss_gen = image.tokens.sum() * 0.0
+        if self.captioner is not None and alpha < 1 and batch.caption_tokens is not None:
+            loss_gen = self.captioner.loss(image.tokens, batch.caption_tokens)
+        loss = alpha * loss_cls + (1 - alpha) * loss_gen
+        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits)
 
-    def _caption_loss(self, query_out: torch.Tensor, captions: Sequence[str | None]) -> torch.Tensor:
-        keep = [i for i, c in enumerate(captions) if c]
-        if self.t5 is None or not keep:
-            return query_out.sum() * 0.0  # keeps the graph connected (DDP-friendly)
-        inputs, attn = self._t5_inputs(query_out[keep])  # (b, K+P, d)
-        enc = self.t5_tokenizer(
-            [captions[i] for i in keep],
-            padding="longest",
-            truncation=True,
-            max_length=self.cfg.captioner.max_caption_length,
-            return_tensors="pt",
-        )
-        labels = enc["input_ids"].to(inputs.device)
-        labels = labels.masked_fill(enc["attention_mask"].to(inputs.device) == 0, -100)
-        return self.t5(inputs_embeds=inputs, attention_mask=attn, labels=labels).loss.float()
+    def _classify(self, out: AggregatorOutput, targets: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Head logits (averaged with an instance stream when the aggregator has one) and the loss."""
+        logits = self.head(out.tokens)  # (B, C)
+        streams = [logits] if out.instance_logits is None else [logits, out.instance_logits]
+        loss = None
+        if targets is not None:
+            loss = sum(self.head.loss(s, targets) for s in streams) / len(streams)
+            if out.aux_loss is not None:
+                w = self.aggregator.aux_weight
+                loss = (1 - w) * loss + w * out.aux_loss
+        return sum(streams) / len(streams), loss
 
     def _drop_patches(self, mask: torch.Tensor) -> torch.Tensor:
         p = self.cfg.patch_dropout
         if not self.training or p <= 0:
             return mask
-        keep = torch.rand(mask.shape, device=mask.device) >= p
-        keep = keep & mask
+        keep = (torch.rand(mask.shape, device=mask.device) >= p) & mask
         empty = keep.sum(1) == 0  # never drop a whole bag
         return torch.where(empty[:, None], mask, keep)
 
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- inference
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Training/validation step.
+    @torch.no_grad()
+    def infer(self, features: torch.Tensor, mask: torch.Tensor, texts: dict[str, TextBatch | None] | None = None,
+              generate: bool = True, **generation: Any) -> Inference:
+        """Image-only and (per caption set in ``texts``) image+text probabilities, generated
+        captions and patch scores, from one pass of the mixer (the costly part)."""
+        x = self.mixer(features, mask)  # (B, M, H)
+        image = self.aggregator(x, mask)
+        logits, _ = self._classify(image)
+        text_probs: dict[str, torch.Tensor | None] = {}
+        for name, batch_text in (texts or {}).items():
+            text = self.aggregator.text_for_classifier(batch_text) if self.reads_text else None
+            text_probs[name] = None if text is None else \
+                self.head.probabilities(self._classify(self.aggregator(x, mask, text=text))[0])
+        captions = self.captioner.generate(image.tokens, **generation) if (generate and self.captioner) else None
+        return Inference(logits, self.head.probabilities(logits), text_probs, captions, image.scores,
+                         image.query_scores)
 
-        ``batch``: ``features`` (B, M, D), ``mask`` (B, M) bool, ``labels`` (B,) long with -100
-        for unlabelled slides, ``captions`` list of B strings or None (captioning targets and
-        classifier text), optionally ``classifier_captions`` (the classifier's text, e.g. with
-        class words removed).
-        Returns ``loss``, ``loss_cls``, ``loss_gen`` and ``logits`` (B, C).
-        """
-        feats, labels = batch["features"], batch["labels"]
-        captions = batch.get("captions") or [None] * feats.shape[0]
-        mask = self._drop_patches(batch["mask"])
-        alpha = self.cfg.alpha
+    def class_contributions(self, features: torch.Tensor, mask: torch.Tensor, class_index: int) -> torch.Tensor:
+        """(B, M) each patch's contribution to one class's logit: gradient x input at the
+        aggregator's input (the mixer output), summed over the width; 0 at padding."""
+        with torch.enable_grad():
+            x = self.mixer(features, mask).detach().requires_grad_(True)  # (B, M, H)
+            logits, _ = self._classify(self.aggregator(x, mask))
+            (grad,) = torch.autograd.grad(logits[:, class_index].sum(), x)
+        return (grad * x).sum(-1).masked_fill(~mask, 0.0).detach()
 
-        patches = self.correlation(feats, mask)  # (B, M, H)
-        q_img = self._qformer(patches, mask)  # (B, K, Q): image only
-        texts = self._text_for_classifier(batch.get("classifier_captions") or captions)
-        q_cls = q_img if texts is None else self._qformer(patches, mask, texts)
-        logits = self._logits(q_cls)  # (B, C)
+    # Convenience wrappers (they tokenize; forwards take tensors).
 
-        labelled = labels != -100
-        loss_cls = F.cross_entropy(logits[labelled], labels[labelled]) if labelled.any() else logits.sum() * 0.0
-        loss_gen = self._caption_loss(q_img, captions) if alpha < 1 else q_img.sum() * 0.0
-        loss = alpha * loss_cls + (1 - alpha) * loss_gen
-        return {"loss": loss, "loss_cls": loss_cls.detach(), "loss_gen": loss_gen.detach(), "logits": logits}
-
-    def classify(
-        self, bags: torch.Tensor, mask: torch.Tensor, captions: Sequence[str | None] | None = None
-    ) -> torch.Tensor:
+    def classify(self, features: torch.Tensor, mask: torch.Tensor,
+                 captions: Sequence[str | None] | None = None) -> torch.Tensor:
         """Class logits (B, C) from the slide alone, or slide + caption when ``captions`` is given
-        (and ``model.text_input`` is not ``never``)."""
-        patches = self.correlation(bags, mask)
-        return self._logits(self._qformer(patches, mask, self._text_for_classifier(captions)))
+        (and the aggregator reads text)."""
+        x = self.mixer(features, mask)
+        text = None
+        if captions is not None and self.reads_text and any(captions):
+            text = self.aggregator.text_for_classifier(self._to(self.aggregator.tokenize(captions), features))
+        return self._classify(self.aggregator(x, mask, text=text))[0]
 
     @torch.no_grad()
-    def generate_captions(self, bags: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
-        """One caption per bag: beam search by default, sampling with ``do_sample=True``
-        (``num_beams``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``)."""
-        return self._generate(self._qformer(self.correlation(bags, mask), mask), **generation)
+    def generate_captions(self, features: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
+        """One caption per bag (``num_beams``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``)."""
+        if self.captioner is None:
+            raise RuntimeError("this model has no captioner (model.captioner.type is none)")
+        return self.captioner.generate(self.aggregator(self.mixer(features, mask), mask).tokens, **generation)
 
     @torch.no_grad()
-    def patch_scores(self, bags: torch.Tensor, mask: torch.Tensor, per_query: bool = False) -> torch.Tensor:
-        """Q-Former cross-attention of each patch: (B, M), or (B, K, M) with ``per_query``.
+    def patch_scores(self, features: torch.Tensor, mask: torch.Tensor, per_query: bool = False) -> torch.Tensor:
+        """The aggregator's per-patch scores (B, M), or (B, K, M) per token with ``per_query``."""
+        out = self.infer(features, mask, generate=False)
+        return out.query_scores if (per_query and out.query_scores is not None) else out.scores
 
-        Averaged over heads and cross-attention layers (and queries unless ``per_query``); the
-        largest matrix built is (B, heads, K, M), never M x M. Padding scores 0.
-        """
-        return self.infer(bags, mask, generate=False, scores=True, per_query=per_query)["patch_scores"]
-
-    @torch.no_grad()
-    def infer(
-        self,
-        bags: torch.Tensor,
-        mask: torch.Tensor,
-        caption_sets: dict[str, Sequence[str | None]] | None = None,
-        *,
-        generate: bool = True,
-        scores: bool = False,
-        per_query: bool = False,
-        **generation: Any,
-    ) -> dict[str, Any]:
-        """Everything inference needs from one pass of the correlation module (the costly part):
-        ``logits`` (image only, (B, C)); ``logits_<name>`` (B, C) for each set of classifier
-        captions in ``caption_sets`` (None when none of them is used); ``captions`` (generated,
-        when ``generate`` and the model has a captioner); ``patch_scores`` with ``scores``."""
-        patches = self.correlation(bags, mask)  # (B, M, H)
-        maps: list[torch.Tensor] = []
-        with self._record_cross_attention(maps) if scores else nullcontext():
-            q_img = self._qformer(patches, mask)  # (B, K, Q)
-        out: dict[str, Any] = {"logits": self._logits(q_img)}
-        for name, captions in (caption_sets or {}).items():
-            texts = self._text_for_classifier(captions)
-            out[f"logits_{name}"] = None if texts is None else self._logits(self._qformer(patches, mask, texts))
-        if generate and self.t5 is not None:
-            out["captions"] = self._generate(q_img, **generation)
-        if scores:
-            s = torch.stack(maps).mean(0).masked_fill(~mask[:, None, :], 0.0)  # (B, K, M)
-            out["patch_scores"] = s if per_query else s.mean(1)
-        return out
-
-    def _generate(
-        self,
-        query_out: torch.Tensor,  # (B, K, Q)
-        num_beams: int | None = None,
-        max_new_tokens: int | None = None,
-        do_sample: bool | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-    ) -> list[str]:
-        if self.t5 is None:
-            raise RuntimeError("this model has no captioner (model.captioner.enabled is false)")
-        c = self.cfg.captioner
-        inputs, attn = self._t5_inputs(query_out)
-        sample = c.do_sample if do_sample is None else do_sample
-        gen: dict[str, Any] = {
-            "num_beams": 1 if sample else (num_beams or c.num_beams),
-            "max_new_tokens": max_new_tokens or c.max_new_tokens,
-            "do_sample": sample,
-        }
-        if sample:
-            gen["temperature"] = c.temperature if temperature is None else temperature
-            gen["top_p"] = c.top_p if top_p is None else top_p
-        known, rows = len(self.t5_tokenizer), self.t5.config.vocab_size
-        if known < rows:  # never emit ids the tokenizer cannot decode (FlanT5 pads its vocabulary too)
-            gen["suppress_tokens"] = list(range(known, rows))
-        ids = self.t5.generate(inputs_embeds=inputs, attention_mask=attn, **gen)
-        return [clean_caption(t) for t in self.t5_tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-    @contextmanager
-    def _record_cross_attention(self, maps: list[torch.Tensor]):
-        """Recompute each cross-attention layer's softmax from its own projections."""
-
-        def hook(module, args, kwargs, output):
-            hs = kwargs["hidden_states"]  # (B, K, Q)
-            enc = kwargs["encoder_hidden_states"]  # (B, M, H)
-            add_mask = kwargs["encoder_attention_mask"]  # (B, 1, 1, M)
-            b, k, m = hs.shape[0], hs.shape[1], enc.shape[1]
-            heads, dh = module.num_attention_heads, module.attention_head_size
-            q = module.query(hs).view(b, k, heads, dh).transpose(1, 2)  # (B, h, K, dh)
-            key = module.key(enc).view(b, m, heads, dh).transpose(1, 2)  # (B, h, M, dh)
-            att = torch.zeros(b, k, m, device=hs.device)
-            for h in range(heads):  # one head at a time keeps memory at (B, K, M)
-                logits = q[:, h] @ key[:, h].transpose(1, 2) * module.scaling + add_mask[:, 0]
-                att += logits.float().softmax(-1)
-            maps.append(att / heads)
-
-        handles = [
-            layer.crossattention.attention.register_forward_hook(hook, with_kwargs=True)
-            for layer in self.qformer.encoder.layer
-            if layer.has_cross_attention
-        ]
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+    @staticmethod
+    def _to(text: TextBatch, like: torch.Tensor) -> TextBatch:
+        return TextBatch(text.ids.to(like.device), text.mask.to(like.device))

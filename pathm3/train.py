@@ -3,11 +3,16 @@
 Run layout, ``train.output_dir/<train.name>/seed<k>/``::
 
     config.yaml            the resolved config
+    run.json               trainable parameters, seconds of training, epochs run
     tokenizer.json         the caption tokenizer (when built from the training captions)
     checkpoints/last.ckpt  Lightning state for --resume (trainable weights, optimizer, loops)
     checkpoints/best.safetensors, last.safetensors   model checkpoints for eval/predict/heatmap
     metrics.csv            per-step and per-epoch logs
     metrics.json, predictions.csv   the test split, evaluated with the best checkpoint
+
+Under DDP (``train.devices`` > 1) every rank trains; rank 0 alone writes checkpoints and
+evaluates, and the learning-rate schedule spans ``trainer.estimated_stepping_batches`` (the
+optimizer steps of the whole run, whatever the world size).
 
 Determinism: every step reseeds the RNGs from (seed, step) and the sampler shuffles with its own
 (seed, epoch) generator, so a run resumed from ``last.ckpt`` retraces the uninterrupted one.
@@ -15,8 +20,8 @@ Determinism: every step reseeds the RNGs from (seed, step) and the sampler shuff
 
 from __future__ import annotations
 
-import math
 import random
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,21 +31,26 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from pathm3.config import Config, apply_overrides, load_config, save_config
-from pathm3.data import BagDataset, check_bags, collate_bags, limit_patches
+from pathm3.data import BagCollator, BagDataset, check_bags, limit_patches
 from pathm3.errors import DataError, UsageError
-from pathm3.evaluate import evaluate, write_json, write_predictions
+from pathm3.evaluate import evaluate, predict, thresholds_of, write_json, write_predictions
 from pathm3.files import write_csv, write_text
 from pathm3.manifest import Slide, read_manifest
-from pathm3.model import PathM3
+from pathm3.metrics import tune_thresholds
+from pathm3.model import Batch, PathM3
 from pathm3.optim import build_optimizer, build_scheduler
-from pathm3.pretrained import build_model, load_checkpoint, save_checkpoint
+from pathm3.parts.t5 import NoCaptionerConfig
+from pathm3.pretrained import (build_model, checkpoint_tokenizer, load_checkpoint, needs_built_tokenizer,
+                               save_checkpoint)
+from pathm3.summary import summarise
 from pathm3.text import build_word_tokenizer, strip_class_words, word_tokenizer_from_json, word_tokenizer_to_json
 
 
 def effective_config(cfg: Config) -> Config:
     """Apply ``train.task``: classification trains L_cls only (no captioner), captioning L_gen only."""
     if cfg.train.task == "classification":
-        return apply_overrides(cfg, ["model.alpha=1.0", "model.captioner.enabled=false"])
+        model = cfg.model.model_copy(update={"alpha": 1.0, "captioner": NoCaptionerConfig()})
+        return cfg.model_copy(update={"model": model})
     if cfg.train.task == "captioning":
         return apply_overrides(cfg, ["model.alpha=0.0"])
     return cfg
@@ -70,13 +80,14 @@ class EpochSampler(Sampler[int]):
 class PathM3Module(L.LightningModule):
     """Lightning wrapper: losses, validation accuracy, AdamW with warmup + cosine."""
 
-    def __init__(self, model: PathM3, cfg: Config, total_steps: int):
+    def __init__(self, model: PathM3, cfg: Config):
         super().__init__()
-        self.model, self.cfg, self.total_steps = model, cfg, total_steps
-        self.strict_loading = not model.t5_frozen  # the frozen T5 is never in a checkpoint
-        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.model, self.cfg = model, cfg
+        self.frozen = tuple(f"model.{p}" for p in model.frozen_pretrained_prefixes())
+        self.strict_loading = not self.frozen  # frozen pretrained parts are never in a checkpoint
+        self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # Reseed before every step from (seed, step): Lightning draws from the global RNG at moments
         # that differ between a continuous and a resumed run (e.g. creating loader iterators).
         s = self.cfg.train.seed * 1_000_003 + self.global_step * 101 + self.global_rank
@@ -84,59 +95,68 @@ class PathM3Module(L.LightningModule):
         np.random.seed(s % 2**32)
         torch.manual_seed(s)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         batch = limit_patches(batch, self.cfg.data.max_patches)
         out = self.model(batch)
-        b = len(batch["slide_ids"])
-        self.log("train/loss", out["loss"], batch_size=b, prog_bar=True)
-        self.log("train/loss_cls", out["loss_cls"], batch_size=b)
-        self.log("train/loss_gen", out["loss_gen"], batch_size=b)
+        b = len(batch.slide_ids)
+        self.log("train/loss", out.loss, batch_size=b, prog_bar=True)
+        self.log("train/loss_cls", out.loss_cls, batch_size=b)
+        self.log("train/loss_gen", out.loss_gen, batch_size=b)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
-        return out["loss"]
+        return out.loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         out = self.model(batch)
-        b = len(batch["slide_ids"])
-        self.log("val/loss", out["loss"], batch_size=b, prog_bar=True, sync_dist=True)
-        self.log("val/loss_gen", out["loss_gen"], batch_size=b, sync_dist=True)
+        b = len(batch.slide_ids)
+        self.log("val/loss", out.loss, batch_size=b, prog_bar=True, sync_dist=True)
+        self.log("val/loss_gen", out.loss_gen, batch_size=b, sync_dist=True)
         # val/accuracy is image-only (slides without captions are the use case); the forward's
         # logits use the caption when there is one: val/accuracy_image_text.
-        image_only = self.model.classify(batch["features"], batch["mask"])
-        self._val.append((image_only.argmax(-1).cpu(), out["logits"].argmax(-1).cpu(), batch["labels"].cpu()))
+        image_only = self.model.classify(batch.features, batch.mask)
+        self._val.append((image_only.detach().cpu(), out.logits.detach().cpu(), batch.targets.cpu()))
 
     def on_validation_epoch_end(self) -> None:
+        """val/accuracy: share of labelled slides right (multi-label: of known entries right at 0.5)."""
         if not self._val:
             return
-        image_only, image_text, labels = (torch.cat(parts) for parts in zip(*self._val))
+        image_only, image_text, targets = (torch.cat(parts) for parts in zip(*self._val))
         self._val.clear()
-        known = labels != -100
-        if known.any():
-            self.log("val/accuracy", (image_only[known] == labels[known]).float().mean(), prog_bar=True, sync_dist=True)
-            self.log("val/accuracy_image_text", (image_text[known] == labels[known]).float().mean(), sync_dist=True)
+        for name, logits in (("val/accuracy", image_only), ("val/accuracy_image_text", image_text)):
+            accuracy = self._accuracy(logits, targets)
+            if accuracy is not None:
+                self.log(name, accuracy, prog_bar=name == "val/accuracy", sync_dist=True)
+
+    def _accuracy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        known = ~torch.isnan(targets)
+        if self.model.multilabel:
+            return ((logits > 0).float() == targets)[known].float().mean() if known.any() else None
+        rows = known.all(1)
+        return (logits[rows].argmax(-1) == targets[rows].argmax(-1)).float().mean() if rows.any() else None
 
     def configure_optimizers(self):
         opt = build_optimizer(self.model, self.cfg.train)
-        sched = build_scheduler(opt, self.cfg.train, self.total_steps)
+        total = int(self.trainer.estimated_stepping_batches)  # the whole run's optimizer steps, any world size
+        sched = build_scheduler(opt, self.cfg.train, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model.t5_frozen:
+        if self.frozen:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith("model.t5.")}
+                                        if not k.startswith(self.frozen)}
 
 
 class ExportCheckpoints(L.Callback):
     """After each validation: ``last.safetensors``, and ``best.safetensors`` when the monitored
     metric improves. Its best value is kept in the Lightning checkpoint for resume."""
 
-    def __init__(self, folder: Path, cfg: Config, classes: Sequence[str]):
-        self.folder, self.cfg, self.classes = folder, cfg, list(classes)
+    def __init__(self, folder: Path, cfg: Config, classes: Sequence[str], tokenizer=None):
+        self.folder, self.cfg, self.classes, self.tokenizer = folder, cfg, list(classes), tokenizer
         self.best: tuple[float, float] | None = None  # (monitored value, val/loss)
 
     def on_validation_end(self, trainer: L.Trainer, module: PathM3Module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        save_checkpoint(module.model, self.folder / "last.safetensors", self.cfg, self.classes)
+        save_checkpoint(module.model, self.folder / "last.safetensors", self.cfg, self.classes, self.tokenizer)
         value = trainer.callback_metrics.get(self.cfg.train.monitor)
         if value is None:
             return
@@ -147,7 +167,7 @@ class ExportCheckpoints(L.Callback):
         key = (sign * float(value), -loss)
         if self.best is None or key > self.best:
             self.best = key
-            save_checkpoint(module.model, self.folder / "best.safetensors", self.cfg, self.classes)
+            save_checkpoint(module.model, self.folder / "best.safetensors", self.cfg, self.classes, self.tokenizer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": list(self.best) if self.best else None}
@@ -158,21 +178,21 @@ class ExportCheckpoints(L.Callback):
 
 def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
     """A word tokenizer built from the training captions when no tokenizer folders are configured."""
-    needs = not cfg.model.qformer.tokenizer or (cfg.model.captioner.enabled and not
-                                                (cfg.model.captioner.tokenizer or cfg.model.captioner.pretrained))
-    if not needs:
+    if not needs_built_tokenizer(cfg):
         return None
     path = folder / "tokenizer.json"
     if path.is_file():  # a resumed run keeps its vocabulary
         return word_tokenizer_from_json(path.read_text(encoding="utf-8"))
     texts = [s.caption for s in slides if s.caption and s.split == "train"] or ["no captions"]
-    tok = build_word_tokenizer(texts, min(cfg.model.qformer.vocab_size, cfg.model.captioner.vocab_size))
+    sizes = [getattr(cfg.model.aggregator, "vocab_size", None), getattr(cfg.model.captioner, "vocab_size", None)]
+    tok = build_word_tokenizer(texts, min([s for s in sizes if s] or [512]))
     write_text(path, word_tokenizer_to_json(tok))
     return tok
 
 
-def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path:
-    """Train one seed (or resume it), evaluate its best checkpoint on the test split; returns the run dir."""
+def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path | None:
+    """Train one seed (or resume it), evaluate its best checkpoint on the test split; returns the run
+    dir (None on DDP ranks other than 0, which neither evaluate nor write results)."""
     cfg = apply_overrides(cfg, [f"train.seed={seed}"])
     out = run_dir(cfg, seed)
     ckpt_dir = out / "checkpoints"
@@ -183,7 +203,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     classes = list(cfg.data.classes)
     if not classes:
         raise UsageError("data.classes is empty: list the class names in the config")
-    slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes)
+    slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, multilabel=cfg.data.multilabel)
     check_bags(slides, cfg.model.feature_dim, progress=progress)
     train = [s for s in slides if s.split == "train"]
     val = [s for s in slides if s.split == "val"]
@@ -192,16 +212,16 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     save_config(cfg, out / "config.yaml")
 
     L.seed_everything(seed, workers=True, verbose=False)
-    model = build_model(eff.model, len(classes), _tokenizer(eff, slides, out))
+    tokenizer = _tokenizer(eff, slides, out)
+    model = build_model(eff, tokenizer)
     cls_text = (lambda c: strip_class_words(c, classes)) if cfg.data.strip_class_words else None
+    collate = BagCollator(model.tokenize)
     train_ds = BagDataset(train, classifier_text=cls_text)  # max_patches is applied in the step
     loader = DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=EpochSampler(len(train_ds), seed),
-                        collate_fn=collate_bags, num_workers=cfg.data.num_workers)
+                        collate_fn=collate, num_workers=cfg.data.num_workers)
     val_loader = (DataLoader(BagDataset(val, classifier_text=cls_text), batch_size=cfg.eval.batch_size,
-                             collate_fn=collate_bags, num_workers=cfg.data.num_workers) if val else None)
-    steps_per_epoch = math.ceil(len(loader) / cfg.train.accumulate_grad_batches)
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else steps_per_epoch * cfg.train.max_epochs
-    module = PathM3Module(model, eff, total)
+                             collate_fn=collate, num_workers=cfg.data.num_workers) if val else None)
+    module = PathM3Module(model, eff)
     trainer = L.Trainer(
         default_root_dir=str(out),
         max_epochs=cfg.train.max_epochs,
@@ -222,27 +242,50 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
         logger=_loggers(out),
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
                                                        every_n_epochs=1, enable_version_counter=False),
-                   ExportCheckpoints(ckpt_dir, eff, classes)],
+                   ExportCheckpoints(ckpt_dir, eff, classes, tokenizer)],
     )
+    start = time.perf_counter()
     trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
-    if trainer.is_global_zero:
-        merge_metrics(out)
-        evaluate_run(out, progress=progress)
+    if not trainer.is_global_zero:
+        return None
+    seconds, epochs = time.perf_counter() - start, max(1, trainer.current_epoch)
+    write_json({"trainable_parameters": sum(p.numel() for _, p in model.trainable_parameters()),
+                "fit_seconds": seconds, "epochs": epochs, "seconds_per_epoch": seconds / epochs}, out / "run.json")
+    merge_metrics(out)
+    evaluate_run(out, progress=progress)
     return out
 
 
 def evaluate_run(out: Path, split: str = "test", progress: bool = True) -> dict[str, Any]:
-    """Evaluate a run's best checkpoint (else last) on a split; writes metrics.json, predictions.csv."""
+    """Evaluate a run's best checkpoint (else last) on a split; writes metrics.json, predictions.csv.
+    Multi-label runs with ``eval.tune_thresholds`` first choose per-class thresholds on val and
+    store them in the checkpoint (``eval.thresholds``)."""
     ckpt = out / "checkpoints" / "best.safetensors"
     if not ckpt.is_file():
         ckpt = out / "checkpoints" / "last.safetensors"
     model, cfg, classes = load_checkpoint(ckpt)
-    slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=[split])
-    metrics, rows = evaluate(model, cfg, classes, slides, progress=progress)
+    if model.multilabel and cfg.eval.tune_thresholds:
+        cfg = _tune_and_store_thresholds(model, cfg, classes, ckpt, progress)
+    slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=[split],
+                           multilabel=cfg.data.multilabel)
+    metrics, preds = evaluate(model, cfg, classes, slides, progress=progress)
     metrics["checkpoint"] = str(ckpt)
     write_json(metrics, out / "metrics.json")
-    write_predictions(rows, classes, out / "predictions.csv")
+    write_predictions(preds, classes, out / "predictions.csv", model.multilabel, thresholds_of(cfg, classes))
     return metrics
+
+
+def _tune_and_store_thresholds(model: PathM3, cfg: Config, classes: list[str], ckpt: Path, progress: bool) -> Config:
+    val = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=["val"], multilabel=True)
+    if not val:
+        return cfg
+    preds = predict(model, val, classes, batch_size=cfg.eval.batch_size, captions=False, progress=progress)
+    tuned = tune_thresholds(np.stack([p.targets for p in preds]), np.stack([p.probabilities for p in preds]))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
+        update={"thresholds": {c: float(t) for c, t in zip(classes, tuned)}})})
+    write_json(cfg.eval.thresholds, ckpt.parent.parent / "thresholds.json")
+    save_checkpoint(model, ckpt, cfg, classes, checkpoint_tokenizer(ckpt))
+    return cfg
 
 
 def _precision(cfg: Config) -> str:
@@ -285,71 +328,17 @@ def merge_metrics(out: Path) -> Path:
 # Several seeds: summary.json and summary.md
 
 
-SUMMARY_ROWS = {
-    "Table 1: classification accuracy (%)": [
-        ("image only", "classification.image_only.accuracy", 100),
-        ("image + text", "classification.image_text.accuracy", 100),
-        ("image + text, class words stripped", "classification.image_text_class_words_stripped.accuracy", 100),
-        ("image only, balanced accuracy", "classification.image_only.balanced_accuracy", 100),
-        ("image only, macro F1", "classification.image_only.macro_f1", 100),
-        ("image only, AUROC", "classification.image_only.auroc", 100),
-    ],
-    "Table 2: captioning": [
-        ("BLEU@4", "captioning.bleu_4", 1),
-        ("METEOR", "captioning.meteor", 1),
-        ("SPICE", "captioning.spice", 1),
-        ("ROUGE-L", "captioning.rouge_l", 1),
-        ("CIDEr", "captioning.cider", 1),
-    ],
-}
-
-
-def _lookup(metrics: dict, dotted: str):
-    node: Any = metrics
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or node.get(part) is None:
-            return None
-        node = node[part]
-    return node
-
-
-def summarise(run_dirs: Sequence[Path], out: Path) -> dict[str, Any]:
-    """mean ± std over seeds of every reported metric, as summary.json and summary.md."""
-    import json
-
-    per_seed = {d.name: json.loads((d / "metrics.json").read_text()) for d in run_dirs}
-    summary: dict[str, Any] = {"seeds": list(per_seed), "metrics": {}}
-    lines = [f"# {out.name}: {len(per_seed)} seed(s) ({', '.join(per_seed)})", ""]
-    for title, rows in SUMMARY_ROWS.items():
-        lines += [f"## {title}", "", "| metric | mean ± std | per seed |", "|---|---|---|"]
-        for label, key, scale in rows:
-            values = [_lookup(m, key) for m in per_seed.values()]
-            values = [v * scale for v in values if v is not None]
-            if not values:
-                cell, seeds = "n/a", ""
-            else:
-                mean, std = float(np.mean(values)), float(np.std(values))
-                summary["metrics"][key] = {"mean": mean / scale, "std": std / scale, "values": [v / scale for v in values]}
-                cell, seeds = f"{mean:.2f} ± {std:.2f}" if scale == 100 else f"{mean:.3f} ± {std:.3f}", \
-                    ", ".join(f"{v:.2f}" if scale == 100 else f"{v:.3f}" for v in values)
-            lines.append(f"| {label} | {cell} | {seeds} |")
-        lines.append("")
-    notes = {m["captioning"].get("spice_note") for m in per_seed.values() if m.get("captioning")}
-    lines += [f"Note: {n}" for n in notes if n]
-    write_json(summary, out / "summary.json")
-    write_text(out / "summary.md", "\n".join(lines) + "\n")
-    return summary
-
-
-def train_seeds(cfg: Config, seeds: Sequence[int], progress: bool = True) -> Path:
+def train_seeds(cfg: Config, seeds: Sequence[int], progress: bool = True) -> Path | None:
     """Train and evaluate each seed, then write summary.json / summary.md beside the seed folders."""
     dirs = [train_one(cfg, s, progress=progress) for s in seeds]
+    if any(d is None for d in dirs):
+        return None  # a DDP rank other than 0
     out = Path(cfg.train.output_dir) / cfg.train.name
     summarise(dirs, out)
     return out
 
 
-def resume_run(folder: str | Path, progress: bool = True) -> Path:
+def resume_run(folder: str | Path, progress: bool = True) -> Path | None:
     """Continue the run in ``folder`` (a seed folder) from its last Lightning checkpoint."""
     folder = Path(folder)
     cfg_path = folder / "config.yaml"

@@ -22,3 +22,58 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def slides_dir(shared_data: Path) -> Path:
     return shared_data / "slides"
+
+
+# ---------------------------------------------------------------------------------------------
+# Small models and batches
+
+
+def tiny_config(*overrides: str, classes=("benign", "tumour")):
+    """configs/demo.yaml with overrides and ``classes`` (a small, fast model)."""
+    from pathm3.config import load_config
+
+    return load_config(REPO / "configs" / "demo.yaml", [f"data.classes=[{', '.join(classes)}]", *overrides])
+
+
+def make_batch(model, bags, labels=None, captions=None, classifier_captions=None):
+    """A :class:`pathm3.model.Batch` of tensors ``bags`` (each (M_i, D)); ``labels`` ints (None
+    or -100: unlabelled) or, for multi-label, rows of 1/0/NaN."""
+    import math
+
+    import torch
+
+    from pathm3.data import pad_bags
+    from pathm3.model import Batch
+
+    feats, mask = pad_bags(list(bags))
+    c = model.num_classes
+    if labels is None:
+        targets = torch.full((len(bags), c), math.nan)
+    elif torch.is_tensor(labels) and labels.ndim == 2:
+        targets = labels.float()
+    else:
+        targets = torch.full((len(bags), c), math.nan)
+        for i, y in enumerate([int(v) for v in labels]):
+            if y >= 0:
+                targets[i] = torch.nn.functional.one_hot(torch.tensor(y), c).float()
+    caps = list(captions) if captions is not None else [None] * len(bags)
+    tokens, text = model.tokenize(caps, classifier_captions)
+    return Batch([f"s{i}" for i in range(len(bags))], feats, mask, targets, caps, tokens, text)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny PathM3 trained for 3 epochs on a 40-slide synthetic cohort (shared by the tests that
+    only read a trained run: eval, predict, heatmaps, checkpoints). Returns the run folder."""
+    from pathm3.cli import train_main
+    from pathm3.errors import run_cli
+    from pathm3.synthetic import write_cohort
+
+    tmp = tmp_path_factory.mktemp("trained")
+    write_cohort(tmp / "cohort", n_slides=40, dim=64, seed=0)
+    args = ["--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+            "--set", f"data.manifest={tmp / 'cohort' / 'manifest.csv'}", "--set", f"data.bags_dir={tmp / 'cohort' / 'bags'}",
+            "--set", f"train.output_dir={tmp / 'runs'}", "--set", "train.max_epochs=3", "--set", "train.warmup_steps=5",
+            "--set", "eval.num_beams=1", "--set", "eval.max_new_tokens=12"]
+    assert run_cli(train_main, args) == 0
+    return tmp / "runs" / "demo" / "seed0"

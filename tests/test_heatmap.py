@@ -18,8 +18,8 @@ from pathm3.bags import index_grid, write_bag
 from pathm3.cli import heatmap_main
 from pathm3.config import load_config
 from pathm3.errors import run_cli
+from conftest import make_batch, tiny_config
 from pathm3.optim import build_optimizer, build_scheduler
-from pathm3.data import pad_bags
 from pathm3.pretrained import build_model, save_checkpoint
 from pathm3.synthetic import signal_bags
 from pathm3.text import build_word_tokenizer
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_checkpoint(path: Path, feature_dim: int = 64) -> Path:
     cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.feature_dim={feature_dim}"])
     torch.manual_seed(0)
-    model = build_model(cfg.model, 2, build_word_tokenizer(["benign glands", "adenocarcinoma glands"]))
-    return save_checkpoint(model, path, cfg, list(cfg.data.classes))
+    tok = build_word_tokenizer(["benign glands", "adenocarcinoma glands"])
+    return save_checkpoint(build_model(cfg, tok), path, cfg, list(cfg.data.classes), tok)
 
 
 def test_real_slide_heatmap_outputs(slides_dir, tmp_path):
@@ -90,18 +90,17 @@ def test_patch_folder_bag_montage_comes_from_the_images(slides_dir, tmp_path):
 
 def test_trained_model_ranks_the_signal_patches_first(tmp_path):
     train, ytr = signal_bags(100, seed=1)
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=32", "model.captioner.enabled=false",
-                                                        "model.alpha=1.0", "model.text_input=never"])
+    cfg = tiny_config("model.feature_dim=32", "model.captioner.type=none", "model.alpha=1.0",
+                      "model.aggregator.text_input=never", classes=("a", "b"))
     torch.manual_seed(0)
-    model = build_model(cfg.model, 2, build_word_tokenizer(["unused"]))
+    model = build_model(cfg)
     opt = build_optimizer(model, cfg.train)
     sched = build_scheduler(opt, cfg.train, 300)
     order = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(300):
         idx = torch.randint(0, len(train), (8,), generator=order).tolist()
-        feats, mask = pad_bags([train[i] for i in idx])
-        loss = model({"features": feats, "mask": mask, "labels": ytr[idx]})["loss"]
+        loss = model(make_batch(model, [train[i] for i in idx], ytr[idx])).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -126,8 +125,8 @@ def test_trained_model_ranks_the_signal_patches_first(tmp_path):
 
 
 def test_scores_for_a_bag_of_100k_patches():
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=16", "model.captioner.enabled=false"])
-    model = build_model(cfg.model, 2, build_word_tokenizer(["x"])).eval()
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=16", "model.captioner.type=none"])
+    model = build_model(cfg, build_word_tokenizer(["x"])).eval()
     feats = torch.randn(1, 100_000, 16)
     mask = torch.ones(1, 100_000, dtype=torch.bool)
     scores = model.patch_scores(feats, mask)
@@ -149,7 +148,7 @@ def test_demo_end_to_end_finds_the_tumour_regions(tmp_path, capsys):
     assert m["captioning"]["bleu_4"] > 0.1
     assert all(Path(p).is_file() for p in result["heatmaps"]) and len(result["heatmaps"]) == 8
     predictions = json.loads(Path(result["predictions"]).read_text())
-    assert len(predictions) == m["n_slides"] and all(p["caption"] for p in predictions)
+    assert len(predictions) == m["n_slides"] and all(p["caption_pred"] for p in predictions)
 
     model_ckpt = result["run_dir"] / "checkpoints" / "best.safetensors"
     tumour = [r for r in result["cohort"].values() if r["split"] == "test" and r["regions"]]

@@ -39,10 +39,9 @@ def cohort(tmp_path) -> Path:
     return tmp_path
 
 
-def test_train_writes_the_run_layout_and_eval_writes_every_key(cohort, capsys):
-    assert run_cli(train_main, small(cohort)) == 0
-    run = cohort / "runs" / "demo" / "seed0"
-    for name in ("config.yaml", "tokenizer.json", "metrics.csv", "metrics.json", "predictions.csv",
+def test_train_writes_the_run_layout_and_eval_writes_every_key(trained_run, tmp_path):
+    run, cohort = trained_run, tmp_path
+    for name in ("config.yaml", "tokenizer.json", "run.json", "metrics.csv", "metrics.json", "predictions.csv",
                  "checkpoints/last.ckpt", "checkpoints/best.safetensors", "checkpoints/last.safetensors"):
         assert (run / name).is_file(), name
     with open(run / "metrics.csv") as fh:
@@ -65,10 +64,10 @@ def test_train_writes_the_run_layout_and_eval_writes_every_key(cohort, capsys):
     assert abs(float(rows[0]["prob_benign"]) + float(rows[0]["prob_adenocarcinoma"]) - 1) < 1e-5
 
 
-def test_sections_are_null_without_labels_or_captions(cohort):
-    assert run_cli(train_main, small(cohort, "--set", "train.max_epochs=1")) == 0
-    ckpt = cohort / "runs" / "demo" / "seed0" / "checkpoints" / "best.safetensors"
-    manifest = cohort / "cohort" / "manifest.csv"
+def test_sections_are_null_without_labels_or_captions(trained_run, tmp_path):
+    cohort = tmp_path
+    ckpt = trained_run / "checkpoints" / "best.safetensors"
+    manifest = trained_run.parents[2] / "cohort" / "manifest.csv"
     with open(manifest) as fh:
         rows = list(csv.DictReader(fh))
     bare = cohort / "bare.csv"
@@ -140,10 +139,10 @@ def test_seeds_write_a_mean_and_std_summary(cohort):
     assert "Table 1" in md and "Table 2" in md and "image + text, class words stripped" in md and "±" in md
 
 
-def test_predict_writes_classes_probabilities_and_captions(cohort):
-    assert run_cli(train_main, small(cohort, "--set", "train.max_epochs=1")) == 0
-    ckpt = cohort / "runs" / "demo" / "seed0"
-    bags = sorted((cohort / "cohort" / "bags").glob("*.h5"))[:3]
+def test_predict_writes_the_predictions_file_of_eval(trained_run, tmp_path):
+    cohort, ckpt = tmp_path, trained_run
+    bag_dir = trained_run.parents[2] / "cohort" / "bags"
+    bags = sorted(bag_dir.glob("*.h5"))[:3]
     caps = cohort / "caps.csv"
     caps.write_text(f"slide_id,caption\n{bags[0].stem},adenocarcinoma with irregular fused glands\n")
     out_csv, out_json = cohort / "p.csv", cohort / "p.json"
@@ -151,13 +150,18 @@ def test_predict_writes_classes_probabilities_and_captions(cohort):
                                   "--output", str(out_csv), "--no-progress"]) == 0
     with open(out_csv) as fh:
         rows = list(csv.DictReader(fh))
+    with open(trained_run / "predictions.csv") as fh:
+        eval_columns = csv.DictReader(fh).fieldnames
+    assert list(rows[0]) == eval_columns  # one schema for eval and predict
     assert [r["slide_id"] for r in rows] == [b.stem for b in bags]
-    assert rows[0]["predicted_class_image_text"] in ("benign", "adenocarcinoma") and rows[1]["predicted_class_image_text"] == ""
-    assert all(r["predicted_class"] in ("benign", "adenocarcinoma") for r in rows)
-    assert run_cli(predict_main, ["--checkpoint", str(ckpt), str(cohort / "cohort" / "bags"), "--output", str(out_json),
+    assert rows[0]["pred_image_text"] in ("benign", "adenocarcinoma") and rows[1]["pred_image_text"] == ""
+    assert all(r["pred_image_only"] in ("benign", "adenocarcinoma") and r["label"] == "" for r in rows)
+    assert rows[0]["caption_ref"] == "adenocarcinoma with irregular fused glands"
+    assert run_cli(predict_main, ["--checkpoint", str(ckpt), str(bag_dir), "--output", str(out_json),
                                   "--no-progress", "--sample", "--temperature", "0.8"]) == 0
     records = json.loads(out_json.read_text())
-    assert len(records) == 40 and all(isinstance(r["caption"], str) for r in records)
+    assert len(records) == 40 and list(records[0]) == eval_columns
+    assert all(isinstance(r["caption_pred"], str) for r in records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,9 +210,9 @@ def _h5_edit(path: Path, width: int | None = None, nan: bool = False) -> None:
         f.create_dataset("features", data=feats)
 
 
-def test_checkpoint_from_another_config_is_a_one_line_error(cohort, capsys):
-    assert run_cli(train_main, small(cohort, "--set", "train.max_epochs=1")) == 0
-    ckpt = cohort / "runs" / "demo" / "seed0" / "checkpoints" / "best.safetensors"
+def test_checkpoint_from_another_config_is_a_one_line_error(trained_run, tmp_path, capsys):
+    cohort = tmp_path
+    ckpt = trained_run / "checkpoints" / "best.safetensors"
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -216,14 +220,14 @@ def test_checkpoint_from_another_config_is_a_one_line_error(cohort, capsys):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = json.loads(meta["config"])
-    cfg["model"]["qformer"]["num_queries"] = 4
+    cfg["model"]["aggregator"]["num_queries"] = 4
     meta["config"] = json.dumps(cfg)
     other = cohort / "other.safetensors"
     save_file(tensors, str(other), metadata=meta)
     capsys.readouterr()
     assert run_cli(eval_main, ["--checkpoint", str(other), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"error: {other}: query_tokens has shape" in err and "another config" in err
+    assert err.count("\n") == 1 and f"error: {other}: aggregator.query_tokens has shape" in err and "another config" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,11 +258,11 @@ def test_patchgastric_manifest_from_official_captions(shared_data, tmp_path):
 
 def test_classification_only_ablation_trains_and_its_checkpoint_loads(cohort):
     assert run_cli(train_main, small(cohort, "--set", "train.max_epochs=1", "--set", "train.task=classification",
-                                     "--set", "model.correlation.enabled=false")) == 0
+                                     "--set", "model.mixer.type=none")) == 0
     run = cohort / "runs" / "demo" / "seed0"
     m = json.loads((run / "metrics.json").read_text())
     assert m["captioning"] is None and m["classification"]["image_only"] is not None
     from pathm3.pretrained import load_checkpoint
 
     model, cfg, _ = load_checkpoint(run / "checkpoints" / "best.safetensors")
-    assert model.t5 is None and len(model.correlation.blocks) == 0 and cfg.model.alpha == 1.0
+    assert model.captioner is None and model.mixer.cfg.type == "none" and cfg.model.alpha == 1.0
