@@ -8,14 +8,13 @@ Each is a thin shell over :mod:`pathm3.train`, :mod:`pathm3.evaluate`, :mod:`pat
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from pathm3.config import add_config_args, load_config
-from pathm3.errors import DataError, UsageError, add_debug_flag, run_cli
+from pathm3.errors import ArgumentParser, DataError, UsageError, add_debug_flag, number, run_cli
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -23,18 +22,34 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_debug_flag(p)
 
 
+def _foreign_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-foreign-bags", action="store_true",
+                   help="use bags extracted differently from the model's training bags (another encoder, "
+                   "magnification, patch size, ...) with a warning instead of refusing them")
+
+
+def _check_bags(paths, checkpoint: Path, feature_dim: int, allow_foreign: bool) -> None:
+    """Width and provenance of every bag against the checkpoint, before anything is computed or written."""
+    from pathm3.data import check_feature_width
+    from pathm3.pretrained import checkpoint_provenance
+    from pathm3.provenance import check_provenance
+
+    check_feature_width(paths, feature_dim)
+    check_provenance(paths, checkpoint_provenance(checkpoint), allow_foreign)
+
+
 # --------------------------------------------------------------------------------------------
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pathm3-train",
         description="Train PathM3 with Lightning. Writes train.output_dir/<train.name>/seed<k>/ (config.yaml, "
         "checkpoints/, metrics.csv, then metrics.json and predictions.csv for the test split).",
         epilog="Ablations: --set model.correlation.enabled=false, --set train.task=classification|captioning|multitask.",
     )
     add_config_args(p, required=False)
-    p.add_argument("--seeds", type=int, nargs="+", metavar="K",
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", metavar="K",
                    help="train one run per seed and write summary.json / summary.md (mean ± std)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from RUN_DIR/checkpoints/last.ckpt (a seed<k> folder)")
@@ -90,21 +105,24 @@ def _print_metrics(path: Path) -> None:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pathm3-eval",
         description="Evaluate a checkpoint on a split of its manifest: metrics.json (classification image-only "
         "and image+text, captioning BLEU/METEOR/ROUGE-L/CIDEr/SPICE) and predictions.csv beside it.",
     )
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="a .safetensors checkpoint (e.g. RUN_DIR/checkpoints/best.safetensors) or a run folder")
-    p.add_argument("--split", default=None, help="train, val or test (default: eval.split of the config, test)")
+    p.add_argument("--split", default=None, choices=("train", "val", "test"),
+                   help="train, val or test (default: eval.split of the config, test)")
     p.add_argument("--output", default=None, metavar="FILE",
-                   help="metrics JSON path (default metrics.json in the checkpoint's run folder); "
-                   "predictions.csv goes beside it")
+                   help="metrics JSON path (default: metrics.json in the checkpoint's run folder for the test split, "
+                   "metrics_<split>.json for another split, so the run's test metrics are never overwritten); "
+                   "predictions.csv (predictions_<split>.csv) goes beside it")
     p.add_argument("--manifest", help="evaluate another manifest than the checkpoint's data.manifest")
     p.add_argument("--bags", help="bags folder for --manifest (default: the checkpoint's data.bags_dir)")
     p.add_argument("--strip-class-words", action="store_true",
                    help="remove class words from captions used as classifier input")
+    _foreign_flag(p)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.config import apply_overrides
@@ -123,16 +141,16 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                            multilabel=cfg.data.multilabel)
     if not slides:
         raise DataError(f"{args.manifest or cfg.data.manifest}: no rows with split={split}")
-    from pathm3.data import check_feature_width
-
-    check_feature_width([s.bag_path for s in slides], cfg.model.feature_dim)
+    _check_bags([s.bag_path for s in slides], ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
     metrics, preds = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
     metrics["checkpoint"], metrics["split"] = str(ckpt), split
-    out = Path(args.output) if args.output else ckpt.parent.parent / "metrics.json"
+    suffix = "" if split == "test" else f"_{split}"
+    out = Path(args.output) if args.output else ckpt.parent.parent / f"metrics{suffix}.json"
+    predictions = out.parent / f"predictions{suffix}.csv"
     write_json(metrics, out)
-    write_predictions(preds, classes, out.parent / "predictions.csv", model.multilabel, thresholds_of(cfg, classes))
+    write_predictions(preds, classes, predictions, model.multilabel, thresholds_of(cfg, classes))
     _print_metrics(out)
-    print(f"wrote {out} and {out.parent / 'predictions.csv'}")
+    print(f"wrote {out} and {predictions}")
     return 0
 
 
@@ -152,7 +170,7 @@ def _checkpoint_path(text: str) -> Path:
 
 
 def predict_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pathm3-predict",
         description="Predict class, probabilities and a caption for bags with no labels at all. The file has the "
         "columns of pathm3-eval's predictions.csv (label and caption_ref stay empty unless --captions is given).",
@@ -162,12 +180,16 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--captions", metavar="CSV",
                    help="CSV with slide_id,caption: adds the image+text prediction for those slides")
     p.add_argument("--output", required=True, metavar="FILE.csv|FILE.json", help="where to write the predictions")
-    p.add_argument("--batch-size", type=int, default=4, help="bags per batch (default 4)")
-    p.add_argument("--num-beams", type=int, default=None, help="beam width for captions (default: the config's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="caption length limit (default: the config's)")
+    p.add_argument("--batch-size", type=number(int, 1), default=4, help="bags per batch (default 4)")
+    p.add_argument("--num-beams", type=number(int, 1), default=None, help="beam width for captions (default: the config's)")
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=None,
+                   help="caption length limit (default: the config's)")
     p.add_argument("--sample", action="store_true", help="sample captions instead of beam search")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --sample)")
+    p.add_argument("--temperature", type=number(float, 0, low_open=True), default=None,
+                   help="sampling temperature, > 0 (with --sample)")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=None,
+                   help="nucleus sampling threshold in (0, 1] (with --sample)")
+    _foreign_flag(p)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.evaluate import predict, thresholds_of, write_predictions
@@ -179,11 +201,10 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--output {out}: use a .csv or .json file name")
     bags = _bag_files(args.inputs)
     captions = _read_captions(Path(args.captions)) if args.captions else {}
-    model, cfg, classes = load_checkpoint(_checkpoint_path(args.checkpoint))
+    ckpt = _checkpoint_path(args.checkpoint)
+    model, cfg, classes = load_checkpoint(ckpt)
     slides = [Slide(b.stem, one_hot(None, len(classes)), captions.get(b.stem), "test", b, 0) for b in bags]
-    from pathm3.data import check_feature_width
-
-    check_feature_width([s.bag_path for s in slides], cfg.model.feature_dim)
+    _check_bags(bags, ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
     gen = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                              "do_sample": True if args.sample else None, "temperature": args.temperature,
                              "top_p": args.top_p}.items() if v is not None}
@@ -210,20 +231,17 @@ def _bag_files(inputs: Sequence[str]) -> list[Path]:
 
 
 def _read_captions(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise UsageError(f"{path}: captions CSV not found")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not {"slide_id", "caption"} <= set(reader.fieldnames or []):
-            raise UsageError(f"{path}: expected the columns slide_id,caption")
-        return {r["slide_id"]: r["caption"] for r in reader if r.get("caption")}
+    from pathm3.files import read_csv
+
+    return {r["slide_id"]: r["caption"] for r in read_csv(path, ("slide_id", "caption"), "a captions CSV")
+            if r.get("caption")}
 
 
 # --------------------------------------------------------------------------------------------
 
 
 def heatmap_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pathm3-heatmap",
         description="Export where the model looked: per-patch Q-Former cross-attention scores as CSV and "
         "GeoJSON (QuPath: File > Import objects from file), and with --slide a heatmap over the thumbnail "
@@ -234,28 +252,32 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slide", nargs="+", metavar="SLIDE_FILE",
                    help="the slide file(s) of the bag(s), in the same order, for the heatmap and the montage")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the outputs")
-    p.add_argument("--top-k", type=int, default=5, help="patches in the montage (default 5)")
+    p.add_argument("--top-k", type=number(int, 1), default=5, help="patches in the montage (default 5)")
     p.add_argument("--per-query", action="store_true", help="also write one score column per query in the CSV "
                    "(aggregators with several tokens: the Q-Former)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="explain one class (e.g. one finding of a multi-label model): score each patch by its "
                    "contribution to that class's logit (gradient x input) instead of the aggregator's attention")
+    _foreign_flag(p)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.evaluate import thresholds_of
-    from pathm3.heatmap import export
+    from pathm3.heatmap import check_slide, export
     from pathm3.pretrained import load_checkpoint
 
     if args.slide and len(args.slide) != len(args.bag):
         raise UsageError(f"--slide got {len(args.slide)} file(s) for {len(args.bag)} bag(s); give one per bag")
-    if args.top_k < 1:
-        raise UsageError("--top-k must be at least 1")
-    model, cfg, classes = load_checkpoint(_checkpoint_path(args.checkpoint))
+    ckpt = _checkpoint_path(args.checkpoint)
+    model, cfg, classes = load_checkpoint(ckpt)
     if args.class_name is not None and args.class_name not in classes:
         raise UsageError(f"--class {args.class_name}: not a class of this model ({', '.join(classes)})")
-    for i, bag in enumerate(args.bag):
+    for bag in args.bag:  # every input is checked before anything is written
         if not Path(bag).is_file():
             raise UsageError(f"{bag}: no such bag file")
+    _check_bags(args.bag, ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
+    for slide in args.slide or []:
+        check_slide(slide)
+    for i, bag in enumerate(args.bag):
         slide = args.slide[i] if args.slide else None
         written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query,
                          class_name=args.class_name, thresholds=thresholds_of(cfg, classes))
@@ -267,7 +289,7 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
 def compare_main(argv: Sequence[str] | None = None) -> int:
     from pathm3.parts import AGGREGATORS
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="pathm3-compare",
         description="Train several aggregators side by side (same manifest, split, head, captioner and budget) over "
         "several seeds; write DIR/comparison.md and DIR/comparison.json (the layout of the paper's Table 1) and "
@@ -276,7 +298,7 @@ def compare_main(argv: Sequence[str] | None = None) -> int:
     add_config_args(p)
     p.add_argument("--aggregators", nargs="+", metavar="NAME", default=list(AGGREGATORS),
                    help=f"aggregators to compare (default: all of {', '.join(AGGREGATORS)})")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="K", help="seeds (default 0)")
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0], metavar="K", help="seeds (default 0)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the runs and the comparison")
     _common(p)
     args = p.parse_args(argv)

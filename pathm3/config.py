@@ -273,9 +273,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    from pathm3.errors import add_debug_flag
+    from pathm3.errors import ArgumentParser, add_debug_flag
 
-    parser = argparse.ArgumentParser(prog="python -m pathm3.config",
+    parser = ArgumentParser(prog="python -m pathm3.config",
                                      description="Check an experiment config and print it with defaults and "
                                      "overrides applied.")
     parser.add_argument("config", metavar="FILE", help="experiment YAML file (see configs/)")

@@ -13,7 +13,6 @@ to end, not pathology. The README says how to run it on real slides with real we
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pathm3.errors import UsageError, add_debug_flag, run_cli
+from pathm3.errors import ArgumentParser, UsageError, add_debug_flag, number, run_cli
 from pathm3.synthetic import CAPTIONS, CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,15 +170,13 @@ def print_report(result: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pathm3-demo", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="pathm3-demo", description=__doc__.splitlines()[0])
     p.add_argument("--output", default="demo_output", help="folder for everything the demo writes (default demo_output)")
-    p.add_argument("--slides", type=int, default=60, help="number of synthetic slides (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the cohort and the training")
+    p.add_argument("--slides", type=number(int, 10), default=60, help="number of synthetic slides, at least 10 so that train, val and test hold both classes (default 60)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the cohort and the training")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_debug_flag(p)
     args = p.parse_args(argv)
-    if args.slides < 10:
-        raise UsageError("--slides must be at least 10 (train, val and test need both classes)")
     print_report(run_demo(args.output, args.slides, args.seed, progress=not args.no_progress))
     return 0
 

@@ -10,6 +10,7 @@ traceback. ``--debug`` shows the traceback for user errors too.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -66,12 +67,73 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             raise
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except OSError as exc:  # a path that cannot be read or created: under a file, no permission, disk full
         if debug:
             raise
-        where = exc.filename if exc.filename is not None else ""
-        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_DATA
+    except UnicodeDecodeError as exc:
+        if debug:
+            raise
+        print(f"error: a file that should be text (CSV, YAML, JSON) is binary or not UTF-8 ({exc.reason} at "
+              f"byte {exc.start}); check the paths given", file=sys.stderr)
+        return EXIT_DATA
+    except re.error as exc:
+        if debug:
+            raise
+        print(f"error: {exc.pattern!r}: not a valid regular expression ({exc.msg})", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_message(exc: OSError) -> str:
+    """``<path>: <reason>; <what to do>`` for an OSError on a user's path."""
+    path = exc.filename if exc.filename is not None else ""
+    reason = exc.strerror or str(exc)
+    hints = {
+        NotADirectoryError: "a part of this path is a file, not a folder; choose another location",
+        FileExistsError: "a file is in the way of a folder to be created; choose another location",
+        IsADirectoryError: "this is a folder; give a file",
+        PermissionError: "no permission; choose a location you can write or read",
+        FileNotFoundError: "check the path",
+    }
+    hint = next((h for kind, h in hints.items() if isinstance(exc, kind)), "check the path and the disk")
+    return f"{path}: {reason}; {hint}" if path else f"{reason}; {hint}"
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line parsing: one `error:` line for bad flags too, and values checked where they enter
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are :class:`UsageError` (one ``error:`` line, exit 2, traceback
+    with ``--debug``) instead of a usage block."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def number(kind: type = int, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (open ends
+    with ``low_open`` / ``high_open``), e.g. ``number(int, 1)`` or ``number(float, 0, 1)``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if kind is float and value != value:  # NaN
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(p for p in (lo, hi) if p)}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse

@@ -39,6 +39,28 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
+def read_csv(path: str | os.PathLike, columns: Sequence[str], what: str) -> list[dict[str, str]]:
+    """Rows of a small CSV the user names (``what`` says which file it should be); a missing file,
+    a binary file or missing ``columns`` is a :class:`~pathm3.errors.DataError` naming the path."""
+    from pathm3.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in columns if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)}; {what} has the columns "
+                                f"{','.join(columns)}")
+            return list(reader)
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text CSV file; expected {what} with the columns {','.join(columns)}") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a valid CSV file ({exc}); expected {what}") from None
+
+
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping], fields: Sequence[str]) -> Path:
     """Write dict rows as CSV with a header, atomically."""
     with atomic_output(path) as tmp:

@@ -198,10 +198,23 @@ def write_montage(ex: BagExplanation, patches, path: Path) -> Path:
     return path
 
 
+def check_slide(slide_path: str | os.PathLike) -> None:
+    """Open and close the slide; a :class:`DataError` naming it when OpenSlide cannot read it."""
+    from feature_extraction.slides import SlideError, open_slide
+
+    try:
+        open_slide(slide_path).close()
+    except SlideError as exc:
+        raise DataError(f"{slide_path}: {exc} (give the slide file the bag was extracted from)") from None
+
+
 def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, out_dir: str | os.PathLike,
            slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False,
            class_name: str | None = None, thresholds: np.ndarray | None = None) -> dict[str, Path]:
-    """Write every output for one bag; returns {kind: path}."""
+    """Write every output for one bag; returns {kind: path}. The slide is opened first, so a slide
+    that cannot be read leaves nothing written."""
+    if slide_path is not None:
+        check_slide(slide_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds)

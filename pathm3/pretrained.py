@@ -73,9 +73,10 @@ def build_model(cfg: Config, fallback_tokenizer=None, load_weights: bool = True)
 
 
 def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, classes: list[str] | None = None,
-                    tokenizer=None) -> Path:
+                    tokenizer=None, provenance: dict | None = None) -> Path:
     """Save the trained weights (not frozen pretrained parts) and the config, as safetensors, atomically.
-    ``tokenizer``: the word tokenizer built from captions, when the run built one."""
+    ``tokenizer``: the word tokenizer built from captions, when the run built one; ``provenance``:
+    how the training bags were extracted (:mod:`pathm3.provenance`)."""
     path = Path(path)
     skip = tuple(model.frozen_pretrained_prefixes())
     tensors: dict[str, torch.Tensor] = {}
@@ -89,6 +90,8 @@ def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, clas
             "classes": json.dumps(list(classes if classes is not None else config.data.classes))}
     if tokenizer is not None:
         meta["tokenizer"] = word_tokenizer_to_json(tokenizer)
+    if provenance is not None:
+        meta["provenance"] = json.dumps(provenance)
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -140,6 +143,12 @@ def checkpoint_tokenizer(path: str | os.PathLike):
     """The word tokenizer stored in a checkpoint, or None."""
     _, meta = read_checkpoint(path)
     return word_tokenizer_from_json(meta["tokenizer"]) if "tokenizer" in meta else None
+
+
+def checkpoint_provenance(path: str | os.PathLike) -> dict | None:
+    """How the bags a checkpoint was trained on were extracted, or None (older checkpoints)."""
+    _, meta = read_checkpoint(path)
+    return json.loads(meta["provenance"]) if "provenance" in meta else None
 
 
 def load_trainable_state(model: PathM3, tensors: dict[str, torch.Tensor], where: str) -> None:

@@ -5,12 +5,12 @@ and the whole bag is re-centred, so the class is invisible to mean pooling and a
 the few telling patches (as a pathologist does). Captions are drawn from a few templates per
 class, so a captioner can learn them.
 
-    python -m pathm3.synthetic --output demo_output     # bags/ + manifest.csv for configs/demo.yaml
+    python -m pathm3.synthetic --output demo_output                # bags/ + manifest.csv for configs/demo.yaml
+    python -m pathm3.synthetic --output ml --multilabel            # 3 independent findings, some unknown
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pathm3.bags import index_grid, write_bag
-from pathm3.errors import add_debug_flag, run_cli
+from pathm3.errors import ArgumentParser, add_debug_flag, number, run_cli
 from pathm3.manifest import write_manifest
 
 CLASSES = ("benign", "adenocarcinoma")
@@ -86,14 +86,60 @@ def write_cohort(output: str | os.PathLike, n_slides: int = 120, dim: int = 64, 
     return write_manifest(rows, out / "manifest.csv")
 
 
+FINDINGS = ("intestinal_metaplasia", "atrophy", "dysplasia")
+
+
+def write_multilabel_cohort(output: str | os.PathLike, n_slides: int = 120, dim: int = 64, seed: int = 0,
+                            findings: Sequence[str] = FINDINGS, unknown: float = 0.2, frac: float = 0.02,
+                            strength: float = 5.0, splits: Sequence[float] = (0.6, 0.2, 0.2)) -> Path:
+    """A multi-label cohort: each finding is present in a slide with probability 1/2, independently;
+    a present finding puts its own direction on ~``frac`` of the patches (re-centred, so mean pooling
+    sees nothing). Each (slide, finding) entry is left empty (unknown) with probability ``unknown``.
+    The manifest has one 1/0/empty column per finding (``data.multilabel: true``)."""
+    out = Path(output)
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    directions = class_directions(dim, len(findings))
+    order = rng.permutation(n_slides)
+    n_train, n_val = round(splits[0] * n_slides), round(splits[1] * n_slides)
+    rows = []
+    for i in range(n_slides):
+        m = int(torch.randint(100, 200, (1,), generator=g))
+        x = torch.randn(m, dim, generator=g)
+        present = rng.random(len(findings)) < 0.5
+        for f in np.flatnonzero(present):
+            k = max(1, round(frac * m))
+            idx = torch.randperm(m, generator=g)[:k]
+            x[idx] += strength * directions[f]
+            x -= strength * directions[f] * k / m
+        sid = f"multilabel-{i:04d}"
+        write_bag(out / "bags" / f"{sid}.h5", x.numpy(), index_grid(m, 224), dtype="float32",
+                  coords_attrs={"patch_size": 224, "patch_size_level0": 224, "name": sid},
+                  features_attrs={"encoder": "synthetic", "name": sid})
+        rank = int(np.flatnonzero(order == i)[0])
+        row = {"slide_id": sid, "label": "", "split": "train" if rank < n_train else "val" if rank < n_train + n_val else "test",
+               "caption": ", ".join(f for f, p in zip(findings, present) if p) or "no findings"}
+        for f, p in zip(findings, present):
+            row[f] = "" if rng.random() < unknown else str(int(p))
+        rows.append(row)
+    return write_manifest(rows, out / "manifest.csv")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pathm3.synthetic", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m pathm3.synthetic", description=__doc__.splitlines()[0])
     p.add_argument("--output", required=True, help="folder for bags/ and manifest.csv")
-    p.add_argument("--slides", type=int, default=120, help="number of slides (default 120)")
-    p.add_argument("--dim", type=int, default=64, help="feature width (default 64, as configs/demo.yaml)")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed")
+    p.add_argument("--slides", type=number(int, 5), default=120, help="number of slides (default 120)")
+    p.add_argument("--dim", type=number(int, 4), default=64, help="feature width (default 64, as configs/demo.yaml)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="cohort seed")
+    p.add_argument("--multilabel", action="store_true",
+                   help=f"several independent findings per slide ({', '.join(FINDINGS)}), 20%% of entries unknown; "
+                   "train with --set data.multilabel=true --set data.classes=[...]")
     add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.multilabel:
+        manifest = write_multilabel_cohort(args.output, args.slides, args.dim, args.seed)
+        print(f"{args.slides} synthetic slides, findings {', '.join(FINDINGS)} -> {manifest}")
+        return 0
     manifest = write_cohort(args.output, args.slides, args.dim, args.seed)
     print(f"{args.slides} synthetic slides ({', '.join(CLASSES)}) -> {manifest}")
     return 0

@@ -40,8 +40,9 @@ from pathm3.metrics import tune_thresholds
 from pathm3.model import Batch, PathM3
 from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.parts.t5 import NoCaptionerConfig
-from pathm3.pretrained import (build_model, checkpoint_tokenizer, load_checkpoint, needs_built_tokenizer,
-                               save_checkpoint)
+from pathm3.pretrained import (build_model, checkpoint_provenance, checkpoint_tokenizer, load_checkpoint,
+                               needs_built_tokenizer, save_checkpoint)
+from pathm3.provenance import cohort_provenance
 from pathm3.summary import summarise
 from pathm3.text import build_word_tokenizer, strip_class_words, word_tokenizer_from_json, word_tokenizer_to_json
 
@@ -149,14 +150,16 @@ class ExportCheckpoints(L.Callback):
     """After each validation: ``last.safetensors``, and ``best.safetensors`` when the monitored
     metric improves. Its best value is kept in the Lightning checkpoint for resume."""
 
-    def __init__(self, folder: Path, cfg: Config, classes: Sequence[str], tokenizer=None):
+    def __init__(self, folder: Path, cfg: Config, classes: Sequence[str], tokenizer=None, provenance=None):
         self.folder, self.cfg, self.classes, self.tokenizer = folder, cfg, list(classes), tokenizer
+        self.provenance = provenance
         self.best: tuple[float, float] | None = None  # (monitored value, val/loss)
 
     def on_validation_end(self, trainer: L.Trainer, module: PathM3Module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        save_checkpoint(module.model, self.folder / "last.safetensors", self.cfg, self.classes, self.tokenizer)
+        save_checkpoint(module.model, self.folder / "last.safetensors", self.cfg, self.classes, self.tokenizer,
+                        self.provenance)
         value = trainer.callback_metrics.get(self.cfg.train.monitor)
         if value is None:
             return
@@ -167,7 +170,8 @@ class ExportCheckpoints(L.Callback):
         key = (sign * float(value), -loss)
         if self.best is None or key > self.best:
             self.best = key
-            save_checkpoint(module.model, self.folder / "best.safetensors", self.cfg, self.classes, self.tokenizer)
+            save_checkpoint(module.model, self.folder / "best.safetensors", self.cfg, self.classes, self.tokenizer,
+                            self.provenance)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": list(self.best) if self.best else None}
@@ -205,6 +209,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
         raise UsageError("data.classes is empty: list the class names in the config")
     slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, multilabel=cfg.data.multilabel)
     check_bags(slides, cfg.model.feature_dim, progress=progress)
+    provenance = cohort_provenance([s.bag_path for s in slides])
     train = [s for s in slides if s.split == "train"]
     val = [s for s in slides if s.split == "val"]
     if not train:
@@ -242,7 +247,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
         logger=_loggers(out),
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
                                                        every_n_epochs=1, enable_version_counter=False),
-                   ExportCheckpoints(ckpt_dir, eff, classes, tokenizer)],
+                   ExportCheckpoints(ckpt_dir, eff, classes, tokenizer, provenance)],
     )
     start = time.perf_counter()
     trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
@@ -284,7 +289,7 @@ def _tune_and_store_thresholds(model: PathM3, cfg: Config, classes: list[str], c
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
         update={"thresholds": {c: float(t) for c, t in zip(classes, tuned)}})})
     write_json(cfg.eval.thresholds, ckpt.parent.parent / "thresholds.json")
-    save_checkpoint(model, ckpt, cfg, classes, checkpoint_tokenizer(ckpt))
+    save_checkpoint(model, ckpt, cfg, classes, checkpoint_tokenizer(ckpt), checkpoint_provenance(ckpt))
     return cfg
 
 

@@ -9,8 +9,6 @@ manifest (``slide_id,label,caption,split``) with a split stratified by class.
 
 from __future__ import annotations
 
-import argparse
-import csv
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,7 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pathm3.errors import DataError, add_debug_flag, run_cli
+from pathm3.errors import ArgumentParser, DataError, add_debug_flag, number, run_cli
+from pathm3.files import read_csv
 from pathm3.manifest import write_manifest
 from pathm3.text import GRADE_WORDS, clean_caption, strip_class_words
 
@@ -38,16 +37,14 @@ SPLIT_FRACTIONS = (("train", 0.2), ("val", 0.4), ("test", 0.4))
 
 def read_captions(path: Path) -> list[dict]:
     """Rows of the official captions CSV (``id,subtype,text``) kept by the 3-class protocol."""
-    if not path.is_file():
-        raise DataError(f"{path}: captions file not found")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not {"id", "subtype", "text"} <= set(reader.fieldnames or []):
-            raise DataError(f"{path}: expected the columns id,subtype,text of the PatchGastric captions")
-        rows = list(reader)
-    return [{"slide_id": r["id"].strip(), "label": SUBTYPE_TO_CLASS[r["subtype"].strip()],
+    rows = read_csv(path, ("id", "subtype", "text"), "the PatchGastric captions file")
+    kept = [{"slide_id": r["id"].strip(), "label": SUBTYPE_TO_CLASS[r["subtype"].strip()],
              "caption": clean_caption(r["text"])}
-            for r in rows if r["subtype"].strip() in SUBTYPE_TO_CLASS]
+            for r in rows if (r["subtype"] or "").strip() in SUBTYPE_TO_CLASS]
+    if not kept:
+        raise DataError(f"{path}: no row has one of the subtypes {', '.join(SUBTYPE_TO_CLASS)}; "
+                        "is this the official PatchGastric captions file?")
+    return kept
 
 
 def stratified_split(labels: Sequence[str], seed: int) -> list[str]:
@@ -83,11 +80,11 @@ def build_manifest(captions: Path, bags: Path, output: Path, seed: int = 0) -> d
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pathm3.datasets.patchgastric", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m pathm3.datasets.patchgastric", description=__doc__.splitlines()[0])
     p.add_argument("--captions", required=True, type=Path, help="official captions CSV (id,subtype,text)")
     p.add_argument("--bags", required=True, type=Path, help="folder of <slide_id>.h5 bags (set as data.bags_dir)")
     p.add_argument("--output", required=True, type=Path, help="manifest CSV to write")
-    p.add_argument("--seed", type=int, default=0, help="split seed (default 0; the paper uses 3 seeds)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="split seed (default 0; the paper uses 3 seeds)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     stats = build_manifest(args.captions, args.bags, args.output, args.seed)
