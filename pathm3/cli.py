@@ -15,6 +15,7 @@ from typing import Sequence
 
 from pathm3.config import add_config_args, load_config
 from pathm3.errors import ArgumentParser, DataError, UsageError, add_debug_flag, number, run_cli
+from pathm3.files import check_writable
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -142,11 +143,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     if not slides:
         raise DataError(f"{args.manifest or cfg.data.manifest}: no rows with split={split}")
     _check_bags([s.bag_path for s in slides], ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
-    metrics, preds = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
-    metrics["checkpoint"], metrics["split"] = str(ckpt), split
     suffix = "" if split == "test" else f"_{split}"
     out = Path(args.output) if args.output else ckpt.parent.parent / f"metrics{suffix}.json"
     predictions = out.parent / f"predictions{suffix}.csv"
+    check_writable(out)
+    metrics, preds = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
+    metrics["checkpoint"], metrics["split"] = str(ckpt), split
     write_json(metrics, out)
     write_predictions(preds, classes, predictions, model.multilabel, thresholds_of(cfg, classes))
     _print_metrics(out)
@@ -199,6 +201,7 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".csv", ".json"):
         raise UsageError(f"--output {out}: use a .csv or .json file name")
+    check_writable(out)
     bags = _bag_files(args.inputs)
     captions = _read_captions(Path(args.captions)) if args.captions else {}
     ckpt = _checkpoint_path(args.checkpoint)
@@ -224,9 +227,9 @@ def _bag_files(inputs: Sequence[str]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise UsageError(f"{p}: no such bag file or folder")
+            raise DataError(f"{p}: no such bag file or folder")
     if not files:
-        raise UsageError(f"no .h5 bags in {', '.join(inputs)}")
+        raise DataError(f"no .h5 bags in {', '.join(inputs)}")
     return files
 
 
@@ -261,6 +264,7 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     _foreign_flag(p)
     _common(p)
     args = p.parse_args(argv)
+    from pathm3.bags import read_bag
     from pathm3.evaluate import thresholds_of
     from pathm3.heatmap import check_slide, export
     from pathm3.pretrained import load_checkpoint
@@ -273,7 +277,8 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--class {args.class_name}: not a class of this model ({', '.join(classes)})")
     for bag in args.bag:  # every input is checked before anything is written
         if not Path(bag).is_file():
-            raise UsageError(f"{bag}: no such bag file")
+            raise DataError(f"{bag}: no such bag file")
+        read_bag(bag)  # NaN/inf features, a file that is not a bag
     _check_bags(args.bag, ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
     for slide in args.slide or []:
         check_slide(slide)

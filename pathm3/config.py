@@ -98,18 +98,23 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
     gradient_clip: float = Field(1.0, ge=0)  # 0: off
-    precision: str = "auto"  # auto: bf16-mixed on CUDA, 32 on CPU
-    accelerator: str = "auto"
-    devices: Union[int, str, list[int]] = "auto"
+    precision: Literal["auto", "32", "32-true", "64", "64-true", "16-mixed", "bf16-mixed", "16-true",
+                       "bf16-true"] = "auto"  # auto: bf16-mixed on CUDA, 32 on CPU
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "auto"
+    devices: Union[int, Literal["auto"], list[int]] = "auto"  # a count (-1: all), or a list of device indices
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"
-    monitor: str = "val/accuracy"
+    strategy: str = "auto"  # auto, ddp, fsdp, deepspeed, ... (Lightning's names)
+    monitor: Literal["val/accuracy", "val/accuracy_image_text", "val/loss", "val/loss_gen"] = "val/accuracy"
     monitor_mode: Literal["max", "min"] = "max"
     check_val_every_n_epoch: int = Field(1, ge=1)
     deterministic: bool = True
 
     @model_validator(mode="after")
     def _check(self):
+        if isinstance(self.devices, int) and self.devices == 0 or self.devices == [] or \
+                isinstance(self.devices, int) and self.devices < -1 or \
+                isinstance(self.devices, list) and any(d < 0 for d in self.devices):
+            raise ValueError(f"devices must be a count >= 1, -1 (all), auto or a list of device indices, got {self.devices}")
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (no limit) or at least 1")
         if not all(0 <= b < 1 for b in self.betas):

@@ -45,7 +45,7 @@ def explain(exc: ValidationError, root: type[BaseModel]) -> str:
     if kind == "union_tag_invalid":
         return f"{key}.type must be one of {ctx.get('expected_tags')}, got {ctx.get('tag')!r}"
     if kind in MAPPING_ERRORS:
-        return f"{key} must be a mapping, got {type(value).__name__}"
+        return f"{key or 'the config'} must be a mapping, got {type(value).__name__}"
     if kind in TYPE_ERRORS:
         return f"{key} must be {type_name(annotation)}, got {value!r}"
     if kind == "value_error":

@@ -13,6 +13,21 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail now (an OSError naming the path) if ``path`` could not be written later: a folder in its
+    place, or a parent that is a file. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "this is a folder; give a file name", str(path))
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(parent))
+            if not os.access(parent, os.W_OK):
+                raise PermissionError(13, "Permission denied", str(parent))
+            return
+
+
 def temporary_name(path: Path) -> Path:
     """The temporary name :func:`atomic_output` writes ``path`` under (for clean-up of stale ones)."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -22,6 +37,8 @@ def temporary_name(path: Path) -> Path:
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write; it becomes ``path`` only if the block completes."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "this is a folder; give a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     try:

@@ -202,6 +202,8 @@ def check_slide(slide_path: str | os.PathLike) -> None:
     """Open and close the slide; a :class:`DataError` naming it when OpenSlide cannot read it."""
     from feature_extraction.slides import SlideError, open_slide
 
+    if not Path(slide_path).is_file():
+        raise DataError(f"{slide_path}: slide file not found")
     try:
         open_slide(slide_path).close()
     except SlideError as exc:
@@ -215,9 +217,9 @@ def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, o
     that cannot be read leaves nothing written."""
     if slide_path is not None:
         check_slide(slide_path)
+    ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds)
     sid = ex.bag.slide_id
     written = {"scores": write_scores_csv(ex, out / f"{sid}_scores.csv"),
                "geojson": write_geojson(ex, out / f"{sid}.geojson")}

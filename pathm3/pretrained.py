@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from pathm3 import legacy
 from pathm3.config import Config, config_from_dict, config_to_dict
-from pathm3.errors import DataError, MissingWeightsError
+from pathm3.errors import ConfigError, DataError, MissingWeightsError
 from pathm3.files import atomic_output
 from pathm3.model import PathM3
 from pathm3.text import load_tokenizer, word_tokenizer_from_json, word_tokenizer_to_json
@@ -111,11 +111,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     fmt = meta.get("format")
     if fmt not in (CHECKPOINT_FORMAT, legacy.FORMAT):
         raise DataError(f"{path}: not a PathM3 checkpoint (no '{CHECKPOINT_FORMAT}' metadata)")
-    try:
-        raw = json.loads(meta["config"])
-        json.loads(meta["classes"])
-    except (KeyError, json.JSONDecodeError):
-        raise DataError(f"{path}: damaged checkpoint (its config metadata is not JSON); use another checkpoint") from None
+    for key in ("config", "classes", "provenance"):
+        try:
+            value = json.loads(meta[key]) if key in meta else None
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: damaged checkpoint (its {key} metadata is not JSON); use another checkpoint") from None
+        if key != "provenance" and value is None:
+            raise DataError(f"{path}: damaged checkpoint (no {key} metadata); use another checkpoint")
+        if value is not None:
+            names = key == "classes"
+            ok = isinstance(value, list) and all(isinstance(c, str) for c in value) if names else isinstance(value, dict)
+            if not ok:
+                raise DataError(f"{path}: damaged checkpoint (its {key} metadata is not a "
+                                f"{'list of names' if names else 'mapping'})")
+    raw = json.loads(meta["config"])
     if fmt == legacy.FORMAT:
         tensors, raw = legacy.upgrade_tensors(tensors), legacy.upgrade_config(raw)
         if "qformer_tokenizer" in meta:
@@ -130,8 +139,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     config, classes)."""
     tensors, meta = read_checkpoint(path)
     classes = json.loads(meta["classes"])
-    config = config_from_dict(json.loads(meta["config"]), source=str(path))
-    tokenizer = word_tokenizer_from_json(meta["tokenizer"]) if "tokenizer" in meta else None
+    try:
+        config = config_from_dict(json.loads(meta["config"]), source=str(path))
+    except ConfigError as exc:  # a checkpoint is a data file: its config is not the user's to fix
+        raise DataError(f"{exc} (damaged checkpoint; use another)") from None
+    if len(classes) != len(config.data.classes) and config.data.classes:
+        raise DataError(f"{path}: damaged checkpoint ({len(classes)} class names for a {len(config.data.classes)}-class config)")
+    tokenizer = _tokenizer(meta, path)
     frozen = config.model.captioner.type != "none" and getattr(config.model.captioner, "freeze", False) \
         and getattr(config.model.captioner, "pretrained", None)
     model = build_model(config, tokenizer, load_weights=bool(frozen))
@@ -141,8 +155,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 def checkpoint_tokenizer(path: str | os.PathLike):
     """The word tokenizer stored in a checkpoint, or None."""
-    _, meta = read_checkpoint(path)
-    return word_tokenizer_from_json(meta["tokenizer"]) if "tokenizer" in meta else None
+    return _tokenizer(read_checkpoint(path)[1], path)
+
+
+def _tokenizer(meta: dict[str, str], path: str | os.PathLike):
+    if "tokenizer" not in meta:
+        return None
+    try:
+        return word_tokenizer_from_json(meta["tokenizer"])
+    except Exception:  # the tokenizers library raises plain Exception for bad JSON
+        raise DataError(f"{path}: damaged checkpoint (its tokenizer metadata cannot be read); use another") from None
 
 
 def checkpoint_provenance(path: str | os.PathLike) -> dict | None:

@@ -79,11 +79,11 @@ def check_provenance(paths: Sequence[str | os.PathLike], trained_on: dict[str, A
         if prov is None:
             unknown.append(Path(path).name)
         elif prov != trained_on:
-            message = (f"{path}: extracted differently from the model's training bags ({differences(prov, trained_on)}); "
-                       "re-extract with the training settings, or pass --allow-foreign-bags to use it anyway")
+            message = f"{path}: extracted differently from the model's training bags ({differences(prov, trained_on)})"
             if not allow_foreign:
-                raise DataError(message)
-            print(f"warning: {message}", file=sys.stderr)
+                raise DataError(f"{message}; re-extract with the training settings, or pass --allow-foreign-bags "
+                                "to use it anyway")
+            print(f"warning: {message}; used because of --allow-foreign-bags", file=sys.stderr)
     if unknown:
         print(f"warning: {len(unknown)} bag(s) carry no extraction attributes (e.g. {unknown[0]}, written by CLAM "
               "or TRIDENT?); they are used because their feature width matches, but their provenance is unchecked",

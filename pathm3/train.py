@@ -34,7 +34,7 @@ from pathm3.config import Config, apply_overrides, load_config, save_config
 from pathm3.data import BagCollator, BagDataset, check_bags, limit_patches
 from pathm3.errors import DataError, UsageError
 from pathm3.evaluate import evaluate, predict, thresholds_of, write_json, write_predictions
-from pathm3.files import write_csv, write_text
+from pathm3.files import check_writable, write_csv, write_text
 from pathm3.manifest import Slide, read_manifest
 from pathm3.metrics import tune_thresholds
 from pathm3.model import Batch, PathM3
@@ -181,7 +181,8 @@ class ExportCheckpoints(L.Callback):
 
 
 def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
-    """A word tokenizer built from the training captions when no tokenizer folders are configured."""
+    """A word tokenizer built from the training captions when no tokenizer folders are configured
+    (a resumed run reads its own); :func:`train_one` saves it once the run is set up."""
     if not needs_built_tokenizer(cfg):
         return None
     path = folder / "tokenizer.json"
@@ -189,9 +190,7 @@ def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
         return word_tokenizer_from_json(path.read_text(encoding="utf-8"))
     texts = [s.caption for s in slides if s.caption and s.split == "train"] or ["no captions"]
     sizes = [getattr(cfg.model.aggregator, "vocab_size", None), getattr(cfg.model.captioner, "vocab_size", None)]
-    tok = build_word_tokenizer(texts, min([s for s in sizes if s] or [512]))
-    write_text(path, word_tokenizer_to_json(tok))
-    return tok
+    return build_word_tokenizer(texts, min([s for s in sizes if s] or [512]))
 
 
 def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path | None:
@@ -214,7 +213,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     val = [s for s in slides if s.split == "val"]
     if not train:
         raise DataError(f"{cfg.data.manifest}: no rows with split=train")
-    save_config(cfg, out / "config.yaml")
+    check_writable(out / "config.yaml")
 
     L.seed_everything(seed, workers=True, verbose=False)
     tokenizer = _tokenizer(eff, slides, out)
@@ -234,7 +233,7 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
         accelerator=cfg.train.accelerator,
         devices=cfg.train.devices,
         num_nodes=cfg.train.num_nodes,
-        strategy=cfg.train.strategy,
+        strategy=_strategy(cfg),
         precision=_precision(cfg),
         gradient_clip_val=cfg.train.gradient_clip or None,
         accumulate_grad_batches=cfg.train.accumulate_grad_batches,
@@ -249,6 +248,10 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
                                                        every_n_epochs=1, enable_version_counter=False),
                    ExportCheckpoints(ckpt_dir, eff, classes, tokenizer, provenance)],
     )
+    # Everything is set up (model, weights, trainer): only now does the run folder get files.
+    save_config(cfg, out / "config.yaml")
+    if tokenizer is not None and not (out / "tokenizer.json").is_file():
+        write_text(out / "tokenizer.json", word_tokenizer_to_json(tokenizer))
     start = time.perf_counter()
     trainer.fit(module, loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
     if not trainer.is_global_zero:
@@ -291,6 +294,20 @@ def _tune_and_store_thresholds(model: PathM3, cfg: Config, classes: list[str], c
     write_json(cfg.eval.thresholds, ckpt.parent.parent / "thresholds.json")
     save_checkpoint(model, ckpt, cfg, classes, checkpoint_tokenizer(ckpt), checkpoint_provenance(ckpt))
     return cfg
+
+
+def _strategy(cfg: Config) -> str:
+    """``ddp`` (and ``auto`` on several devices) become DDP with unused-parameter detection: which
+    parts get gradients depends on the batch (a caption dropped at random, slides without captions),
+    so ranks can use different parameters in one step, and plain DDP then waits forever."""
+    t = cfg.train
+    devices = t.devices if isinstance(t.devices, int) else len(t.devices) if isinstance(t.devices, list) else None
+    if t.devices in ("auto", -1, "-1") and t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        devices = torch.cuda.device_count()
+    several = (devices or 1) > 1 or t.num_nodes > 1
+    if t.strategy == "ddp" or (t.strategy == "auto" and several):
+        return "ddp_find_unused_parameters_true"
+    return t.strategy
 
 
 def _precision(cfg: Config) -> str:

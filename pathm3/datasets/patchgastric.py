@@ -38,9 +38,20 @@ SPLIT_FRACTIONS = (("train", 0.2), ("val", 0.4), ("test", 0.4))
 def read_captions(path: Path) -> list[dict]:
     """Rows of the official captions CSV (``id,subtype,text``) kept by the 3-class protocol."""
     rows = read_csv(path, ("id", "subtype", "text"), "the PatchGastric captions file")
-    kept = [{"slide_id": r["id"].strip(), "label": SUBTYPE_TO_CLASS[r["subtype"].strip()],
-             "caption": clean_caption(r["text"])}
-            for r in rows if (r["subtype"] or "").strip() in SUBTYPE_TO_CLASS]
+    kept, seen = [], {}
+    for row_number, r in enumerate(rows, start=2):
+        if (r["subtype"] or "").strip() not in SUBTYPE_TO_CLASS:
+            continue
+        sid = (r["id"] or "").strip()
+        if not sid:
+            raise DataError(f"{path}: row {row_number}: empty id")
+        if sid in seen:
+            raise DataError(f"{path}: row {row_number}: id {sid!r} repeats row {seen[sid]}")
+        seen[sid] = row_number
+        if not (r["text"] or "").strip():
+            raise DataError(f"{path}: row {row_number} ({sid}): no caption text")
+        kept.append({"slide_id": sid, "label": SUBTYPE_TO_CLASS[r["subtype"].strip()],
+                     "caption": clean_caption(r["text"])})
     if not kept:
         raise DataError(f"{path}: no row has one of the subtypes {', '.join(SUBTYPE_TO_CLASS)}; "
                         "is this the official PatchGastric captions file?")
