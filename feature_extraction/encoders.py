@@ -9,6 +9,8 @@
 * ``tiny-vit``: a small randomly initialised ViT (fixed seed) for tests and the demo only. Its
   feature is the mean of its patch tokens: a random class token has learned nothing to
   summarise, while the token mean keeps colour and texture statistics.
+* ``vit-s-random``: a ViT-S/16-sized model (384-d, 12 layers, 6 heads) with random weights (fixed
+  seed), for benchmarks only: it costs what a real ViT-S costs, and its features mean nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 
 from pathm3.errors import MissingWeightsError
 
-ENCODERS = ("eva-vit-g", "hf-vision", "tiny-vit")
+ENCODERS = ("eva-vit-g", "hf-vision", "tiny-vit", "vit-s-random")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EVA_HINT = "a BLIP-2 checkpoint in Hugging Face format (e.g. Salesforce/blip2-flan-t5-xl)"
@@ -70,6 +72,8 @@ def load_encoder(name: str, weights: str | None = None) -> Encoder:
     """Build an encoder by name; pretrained ones load from the local folder ``weights``."""
     if name == "tiny-vit":
         return _tiny_vit()
+    if name == "vit-s-random":
+        return _vit_s_random()
     if name not in ENCODERS:
         raise MissingWeightsError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
     hint = EVA_HINT if name == "eva-vit-g" else "a transformers vision model (e.g. facebook/dinov2-base)"
@@ -92,10 +96,22 @@ def _tiny_vit() -> Encoder:
     return Encoder("tiny-vit", model.eval(), 224, IMAGENET_MEAN, IMAGENET_STD, "mean", TINY_VIT_DIM)
 
 
+def _vit_s_random() -> Encoder:
+    """Benchmark-only: ViT-S/16's shape (22M parameters) with random weights; class token."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                    image_size=224, patch_size=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ViTModel(cfg, add_pooling_layer=False)
+    return Encoder("vit-s-random", model.eval(), 224, IMAGENET_MEAN, IMAGENET_STD, "cls", 384)
+
+
 def _eva_vit_g(folder: Path) -> Encoder:
     from transformers import Blip2VisionConfig, Blip2VisionModel
 
-    from pathm3.pretrained import read_tensors
+    from pathm3.weights import read_tensors
 
     raw = json.loads((folder / "config.json").read_text())
     if raw.get("model_type") == "blip-2":

@@ -120,7 +120,8 @@ def _float(value) -> float | None:
 
 
 def read_patch(slide, x: int, y: int, scale: Scale) -> np.ndarray:
-    """RGB uint8 (patch_size, patch_size, 3) for the patch whose level-0 top-left is (x, y)."""
+    """RGB uint8 (patch_size, patch_size, 3) for the patch whose level-0 top-left is (x, y); any
+    part beyond the slide is white."""
     from PIL import Image
 
     region = slide.read_region((int(x), int(y)), scale.level, (scale.read_size, scale.read_size))
@@ -136,17 +137,54 @@ def _flatten_alpha(img):
 
     if img.mode != "RGBA":
         return img.convert("RGB")
+    if img.getextrema()[3][0] == 255:  # fully opaque: nothing to composite
+        return img.convert("RGB")
     background = Image.new("RGB", img.size, (255, 255, 255))
     background.paste(img, mask=img.getchannel("A"))
     return background
 
 
-def thumbnail(slide, max_size: int = 2048):
-    """(RGB PIL image, level-0 pixels per thumbnail pixel) from the smallest adequate level."""
+def _white_background(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA -> (H, W, 3) RGB composited onto white."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def read_thumbnail(slide, downsample: float, strip_pixels: int = 1 << 24) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGB uint8 thumbnail at ``downsample`` level-0 pixels per pixel, read from the smallest
+    pyramid level that has the resolution and shrunk with area averaging, a strip of rows at a
+    time (at most ``strip_pixels`` level pixels in memory). Returns it and the level-0 pixels per
+    thumbnail pixel along x and y."""
+    import cv2
+
     w, h = slide.dimensions
-    scale = max(1.0, max(w, h) / max_size)
-    img = _flatten_alpha(slide.get_thumbnail((int(w / scale), int(h / scale))))
-    return img, w / img.size[0]
+    tw, th = max(1, round(w / downsample)), max(1, round(h / downsample))
+    level = _best_level(slide.level_downsamples, downsample)
+    lw, lh = slide.level_dimensions[level]
+    level_ds = float(slide.level_downsamples[level])
+    rows_per_px = lh / th
+    strip_rows = max(1, int(strip_pixels / max(lw, 1) / rows_per_px))  # thumbnail rows per strip
+    out = np.empty((th, tw, 3), dtype=np.uint8)
+    for r0 in range(0, th, strip_rows):
+        r1 = min(th, r0 + strip_rows)
+        y0 = int(round(r0 * rows_per_px))
+        y1 = min(lh, max(int(round(r1 * rows_per_px)), y0 + 1))
+        region = np.asarray(slide.read_region((0, int(y0 * level_ds)), level, (lw, y1 - y0)))
+        out[r0:r1] = cv2.resize(_white_background(region), (tw, r1 - r0), interpolation=cv2.INTER_AREA)
+    return out, (w / tw, h / th)
+
+
+def thumbnail(slide, max_size: int = 2048):
+    """(RGB PIL image, level-0 pixels per thumbnail pixel) at most ``max_size`` on its long side."""
+    from PIL import Image
+
+    w, h = slide.dimensions
+    rgb, (sx, _) = read_thumbnail(slide, max(1.0, max(w, h) / max_size))
+    return Image.fromarray(rgb), sx
 
 
 def write_pyramidal_tiff(path: str | Path, img: np.ndarray, mpp: float, levels: int = 3) -> Path:

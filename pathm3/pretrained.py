@@ -26,7 +26,7 @@ from pathm3.errors import ConfigError, DataError, MissingWeightsError
 from pathm3.files import atomic_output
 from pathm3.model import PathM3
 from pathm3.text import load_tokenizer, word_tokenizer_from_json, word_tokenizer_to_json
-from pathm3.weights import load_into, read_hf_config, read_tensors  # noqa: F401  (re-exported)
+from pathm3.weights import load_into
 
 CHECKPOINT_FORMAT = "pathm3-checkpoint-2"
 TOKENIZER_HINTS = {"aggregator": "bert-base-uncased (its tokenizer files)",

@@ -10,11 +10,16 @@ from typing import Annotated, Any, Union
 
 from pydantic import Field
 
+from pathm3.parts.abmil import ABMIL
+from pathm3.parts.clam import CLAMSB
+from pathm3.parts.dsmil import DSMIL
 from pathm3.parts.heads import MultiLabelHead, SingleLabelHead
 from pathm3.parts.identity import IdentityMixer
 from pathm3.parts.nystrom import NystromMixer
+from pathm3.parts.pooling import MaxPool, MeanPool
 from pathm3.parts.qformer import QFormerAggregator
 from pathm3.parts.t5 import NoCaptionerConfig, T5Captioner
+from pathm3.parts.transmil import TransMIL
 
 MIXERS = {
     "nystrom": NystromMixer,
@@ -22,6 +27,12 @@ MIXERS = {
 }
 AGGREGATORS = {
     "qformer": QFormerAggregator,
+    "abmil": ABMIL,
+    "transmil": TransMIL,
+    "dsmil": DSMIL,
+    "clam_sb": CLAMSB,
+    "mean": MeanPool,
+    "max": MaxPool,
 }
 HEADS = {
     "single_label": SingleLabelHead,

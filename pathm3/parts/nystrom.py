@@ -4,6 +4,12 @@ self-attention, over each bag's real patches.
 Each bag runs alone at its true length: the Nyström landmarks are segment means whose segments
 depend on the sequence length, and the pseudo-inverse is scaled by a batch-wide maximum, so
 running a padded batch would make a bag's output depend on its padding and its neighbours.
+
+The attention is :class:`~pathm3.parts.lean_nystrom.LeanNystromAttention`: the maths (and the
+state-dict keys) of ``nystrom_attention.NystromAttention``, computed in chunks of ``chunk_size``
+patches and recomputed in backward, so a training step's memory grows with the bag only through
+its input and output (1.4 GB forward+backward at 100k patches, width 1408; the package needs
+11 GB). ``tests/test_lean_nystrom.py`` checks it against the package, forward and gradients.
 """
 
 from __future__ import annotations
@@ -11,11 +17,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from nystrom_attention import NystromAttention
 from pydantic import Field, model_validator
 from torch import nn
 
 from pathm3.parts.base import Mixer, PartConfig
+from pathm3.parts.lean_nystrom import LeanNystromAttention
 
 
 class NystromConfig(PartConfig):
@@ -28,6 +34,7 @@ class NystromConfig(PartConfig):
     landmarks: int = Field(256, ge=1)
     pinv_iterations: int = Field(6, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    chunk_size: int = Field(2048, ge=1)  # patches per chunk of the attention: speed/memory only, same result
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -39,11 +46,12 @@ class NystromConfig(PartConfig):
 class NystromBlock(nn.Module):
     """One pre-norm residual Nyström self-attention layer: E = MSA(LN(E)) + E."""
 
-    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, dropout: float):
+    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, dropout: float, chunk_size: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=landmarks,
-                                     pinv_iterations=pinv_iterations, residual=True, dropout=dropout)
+        self.attn = LeanNystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=landmarks,
+                                         pinv_iterations=pinv_iterations, residual=True, dropout=dropout,
+                                         chunk_size=chunk_size)
         # Zero-initialised output: the block starts as the identity and only learns to mix
         # patches when that lowers the loss, which keeps small cohorts from memorising noise.
         nn.init.zeros_(self.attn.to_out[0].weight)
@@ -63,7 +71,7 @@ class NystromMixer(Mixer):
         self.out_dim = cfg.hidden_dim
         self.proj = nn.Identity() if in_dim == cfg.hidden_dim else nn.Linear(in_dim, cfg.hidden_dim)
         self.blocks = nn.ModuleList(
-            NystromBlock(cfg.hidden_dim, cfg.heads, cfg.landmarks, cfg.pinv_iterations, cfg.dropout)
+            NystromBlock(cfg.hidden_dim, cfg.heads, cfg.landmarks, cfg.pinv_iterations, cfg.dropout, cfg.chunk_size)
             for _ in range(cfg.layers)
         )
 
