@@ -7,47 +7,16 @@ naming the flag or path and the fix, exit status 2, with nothing written.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from feature_extraction.encoders import ENCODERS, encoder_description
 from feature_extraction.inputs import compile_slide_id_pattern
 from feature_extraction.tissue import TISSUE_METHODS
-from pathm3.errors import UsageError, add_debug_flag, run_cli
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one :class:`UsageError` line instead of usage + exit."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (pathm3-extract --help lists the flags)")
-
-
-def _number(kind: type, low: float, example: str, *, above: bool = False, high: float | None = None) -> Callable:
-    """An argparse type: ``kind`` (int or float) >= low (> low with ``above``), <= high."""
-    if above:
-        rule = f"> {low:g}"
-    elif high is not None:
-        rule = f"between {low:g} and {high:g}"
-    else:
-        rule = f">= {low:g}"
-    noun = "a whole number" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or value < low or (above and value == low) or \
-                (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{text!r}: must be {noun} {rule}, e.g. {example}")
-        return value
-
-    return parse
+from pathm3.errors import ArgumentParser, UsageError, add_debug_flag, number, run_cli
 
 
 def _shard(text: str) -> str:
@@ -66,7 +35,7 @@ def _regex(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = ArgumentParser(
         prog="pathm3-extract",
         description="Tile whole-slide images (or PatchGastric-style patch folders), run a frozen patch "
         "encoder and write one HDF5 bag per slide (<slide_id>.h5), extraction.csv and previews/.",
@@ -75,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with the same settings. Several runs (torchrun ranks, or plain processes) may share one --output: "
         "each slide is claimed by one of them.",
     )
-    positive = lambda example: _number(float, 0, example, above=True)  # noqa: E731
+    positive = lambda example: number(float, 0, low_open=True, example=example)  # noqa: E731
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="slide files, folders (searched for OpenSlide's extensions) or a CSV with a 'path' "
                    "column and optional 'slide_id' (default: the file stem)")
@@ -96,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="target magnification, e.g. 20 (the default when --mpp is not given)")
     scale.add_argument("--mpp", type=positive("0.5"), default=None,
                        help="target resolution in microns per pixel, e.g. 0.5")
-    p.add_argument("--patch-size", type=_number(int, 1, "224"), default=224,
+    p.add_argument("--patch-size", type=number(int, 1, example="224"), default=224,
                    help="patch side in pixels at the target scale (default 224); resized to the encoder's input")
     p.add_argument("--source-mpp", type=positive("0.25"),
                    help="level-0 microns per pixel, for slides whose metadata lacks it")
@@ -106,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how tissue is found on the thumbnail: 'saturation' (default; brightfield H&E/IHC: "
                    "coloured tissue on white glass) or 'otsu-dark' (fluorescence: bright nuclei on a dark "
                    "background). extraction.csv warns when the mask covers > 95%% of the thumbnail")
-    p.add_argument("--tissue-threshold", type=_number(float, 0, "0.2", high=1), default=0.2,
+    p.add_argument("--tissue-threshold", type=number(float, 0, 1, example="0.2"), default=0.2,
                    help="minimum tissue fraction of a kept patch, 0 to 1 (default 0.2). Patches at the right "
                    "and bottom edges that reach beyond the slide are padded with white, not dropped")
-    p.add_argument("--batch-size", type=_number(int, 1, "64"), default=64, help="patches per encoder batch (default 64)")
-    p.add_argument("--workers", type=_number(int, 0, "2"), default=min(4, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=number(int, 1, example="64"), default=64, help="patches per encoder batch (default 64)")
+    p.add_argument("--workers", type=number(int, 0, example="2"), default=min(4, os.cpu_count() or 1),
                    help="worker processes reading patches while the encoder runs (default: min(4, CPUs); 0 "
                    "reads in the main process)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")

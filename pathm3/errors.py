@@ -10,6 +10,7 @@ traceback. ``--debug`` shows the traceback for user errors too.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from typing import Callable, Sequence
@@ -116,23 +117,26 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def number(kind: type = int, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
-    """An argparse ``type`` that parses ``kind`` and checks ``low <= value <= high`` (open ends
-    with ``low_open`` / ``high_open``), e.g. ``number(int, 1)`` or ``number(float, 0, 1)``."""
+           low_open: bool = False, high_open: bool = False, example: str | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` that parses a finite ``kind`` and checks ``low <= value <= high`` (open
+    ends with ``low_open`` / ``high_open``), e.g. ``number(int, 1)`` or ``number(float, 0, 1)``;
+    ``example`` is shown in the message."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    rule = " and ".join(p for p in (lo, hi) if p)
+    noun = "a whole number" if kind is int else "a number"
+    hint = f", e.g. {example}" if example else ""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if kind is float and value != value:  # NaN
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(p for p in (lo, hi) if p)}, got {text}")
+            value = None
+        bad = value is None or not math.isfinite(value) or \
+            (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high))
+        if bad:
+            raise argparse.ArgumentTypeError(f"must be {noun}{' ' + rule if rule else ''}{hint}, got {text!r}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages

@@ -96,7 +96,7 @@ def test_the_installed_command_prints_one_line_and_exits_2(tmp_path):
            str(tmp_path / "out"), "--magnification", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: argument --magnification")
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: pathm3-extract: argument --magnification")
     assert not (tmp_path / "out").exists()
 
 
