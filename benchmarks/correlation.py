@@ -24,11 +24,11 @@ def _worker(method: str, m: int, backward: bool, dim: int, heads: int, landmarks
     import torch
     from torch import nn
 
-    from pathm3.model import NystromBlock
+    from pathm3.parts.nystrom import NystromBlock
 
     torch.manual_seed(0)
     if method == "nystrom":
-        block = NystromBlock(dim, heads, landmarks, 6, 0.0)
+        block = NystromBlock(dim, heads, landmarks, 6, 0.0, chunk_size=2048)
         nn.init.normal_(block.attn.to_out[0].weight, std=0.02)  # not the identity start
     else:
         block = _ExactBlock(dim, heads)

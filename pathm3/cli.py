@@ -47,7 +47,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         prog="pathm3-train",
         description="Train PathM3 with Lightning. Writes train.output_dir/<train.name>/seed<k>/ (config.yaml, "
         "checkpoints/, metrics.csv, then metrics.json and predictions.csv for the test split).",
-        epilog="Ablations: --set model.correlation.enabled=false, --set train.task=classification|captioning|multitask.",
+        epilog="Ablations: --set model.mixer.type=none, --set train.task=classification|captioning|multitask. "
+        "Baselines: --set model.aggregator.type=abmil (transmil, dsmil, clam_sb, mean, max), or pathm3-compare.",
     )
     add_config_args(p, required=False)
     p.add_argument("--seeds", type=number(int, 0), nargs="+", metavar="K",
