@@ -222,6 +222,14 @@ def test_abmil_learns_rare_evidence_and_points_at_it(seed):
     assert hit.mean() >= 0.45, per_class
 
 
+@pytest.mark.parametrize("name, cfg", [("dsmil", {}), ("clam_sb", dict(embed_dim=64, attn_dim=32))])
+def test_dsmil_and_clam_learn_rare_evidence(name, cfg):
+    # end to end with DSMIL's second stream (instance_logits) and CLAM's instance loss (aux_loss)
+    acc, *_ = fit_and_test(name, seed=0, **cfg)
+    print(f"{name}: held-out accuracy {acc:.2f}")
+    assert acc >= 0.9
+
+
 def test_mean_pooling_stays_at_chance():
     acc, *_ = fit_and_test("mean", seed=0)
     print(f"mean pooling: held-out accuracy {acc:.2f}")

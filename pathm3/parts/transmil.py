@@ -117,6 +117,7 @@ class TransMIL(Aggregator):
         token = self.norm(t)[0, 0]  # (E,) the class token
 
         s = torch.zeros(n, dtype=row.dtype, device=row.device).index_add_(0, order, row)  # (n,) fold copies
-        s = s.clamp(min=0)
-        s = s / s.sum() if s.sum() > 0 else torch.full_like(s, 1.0 / n)  # (n,) share among the patches
+        s = s.clamp(min=0)  # the iterative pseudo-inverse can make small negative entries
+        total = s.sum()
+        s = torch.where(total > 0, s / total.clamp(min=1e-30), 1.0 / n)  # (n,) share among the patches
         return token, s
