@@ -49,15 +49,6 @@ def ragged(lengths=(7, 30, 1, 20), seed=1) -> list[torch.Tensor]:
     return [torch.randn(n, D, generator=g) for n in lengths]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread beats two on a shared machine (no waiting at thread barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 ONE_HOT = F.one_hot(torch.tensor([0, 1, 2, 1]), C).float()
 
 # --------------------------------------------------------------------------------------------
