@@ -191,7 +191,9 @@ class PathM3(nn.Module):
             text = self.aggregator.text_for_classifier(batch_text) if self.reads_text else None
             text_probs[name] = None if text is None else \
                 self.head.probabilities(self._classify(self.aggregator(x, mask, text=text))[0])
-        captions = self.captioner.generate(image.tokens, **generation) if (generate and self.captioner) else None
+        captions = None
+        if generate and self.captioner is not None:
+            captions = self.captioner.generate(image.tokens, **generation)
         return Inference(logits, self.head.probabilities(logits), text_probs, captions, image.scores,
                          image.query_scores)
 
