@@ -6,8 +6,9 @@
 Training step: ViT-g-width features (1408), the paper's correlation module (1408, 8 heads, 256
 landmarks; the memory-lean Nyström attention) and Q-Former (32 queries x 768, 12 layers), a
 small T5, forward + backward + AdamW step on one bag of M patches on CPU, no patch dropout
-(every patch is used). Reported as the process's peak resident memory (``--patches 200000``
-for the 200k figure).
+(every patch is used), the Q-Former's layers recomputed in backward
+(``model.aggregator.gradient_checkpointing``; ``--no-checkpointing`` keeps its activations).
+Reported as the process's peak resident memory (``--patches 200000`` for the 200k figure).
 
 Generation: a FlanT5-XL-sized T5 (d_model 2048, 24+24 layers, random weights, bf16) decodes a
 caption for one slide from 32 query embeddings (beam 5, a fixed number of new tokens).
@@ -25,7 +26,7 @@ def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def training_step(m: int, caption_len: int) -> None:
+def training_step(m: int, caption_len: int, checkpointing: bool = True) -> None:
     import torch
 
     from pathm3.config import Config, apply_overrides
@@ -37,8 +38,9 @@ def training_step(m: int, caption_len: int) -> None:
     cfg = apply_overrides(Config(), [
         "data.classes=[a,b,c]", "model.patch_dropout=0",
         "model.captioner.d_model=256", "model.captioner.num_layers=2", "model.captioner.num_heads=4",
-        "model.captioner.d_ff=512", "model.captioner.d_kv=64", "model.captioner.freeze=true",
+        "model.captioner.d_ff=512", "model.captioner.d_kv=64",
         "model.captioner.vocab_size=512", "model.aggregator.vocab_size=512",
+        f"model.aggregator.gradient_checkpointing={checkpointing}",
     ])
     torch.manual_seed(0)
     tok = build_word_tokenizer(["tubular glands with atypical nuclei"] * 4)
@@ -55,7 +57,8 @@ def training_step(m: int, caption_len: int) -> None:
     out = model(batch)
     out.loss.backward()
     opt.step()
-    print(f"training step, M={m}: {time.perf_counter() - t0:.1f} s, peak RSS {_peak_gb():.2f} GB "
+    print(f"training step, M={m}, Q-Former checkpointing {'on' if checkpointing else 'off'}: "
+          f"{time.perf_counter() - t0:.1f} s, peak RSS {_peak_gb():.2f} GB "
           f"(inputs and model {before:.2f} GB); goal <= 8 GB", flush=True)
 
 
@@ -90,11 +93,13 @@ def main(argv=None) -> int:
     p.add_argument("--caption-tokens", type=int, default=40, help="caption length in the training step")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the caption benchmark")
     p.add_argument("--beams", type=int, default=5, help="beam width in the caption benchmark")
+    p.add_argument("--no-checkpointing", action="store_true",
+                   help="keep every Q-Former activation (model.aggregator.gradient_checkpointing: false)")
     p.add_argument("--skip-generation", action="store_true", help="only the training-step memory")
     p.add_argument("--skip-training", action="store_true", help="only the caption benchmark")
     args = p.parse_args(argv)
     if not args.skip_training:
-        training_step(args.patches, args.caption_tokens)
+        training_step(args.patches, args.caption_tokens, not args.no_checkpointing)
     if not args.skip_generation:
         generation(args.new_tokens, args.beams)
     return 0

@@ -16,6 +16,7 @@ from typing import Sequence
 from pathm3.config import add_config_args, load_config
 from pathm3.errors import ArgumentParser, DataError, UsageError, add_debug_flag, number, run_cli
 from pathm3.files import check_writable
+from pathm3.runtime import add_runtime_args
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -125,15 +126,15 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strip-class-words", action="store_true",
                    help="remove class words from captions used as classifier input")
     _foreign_flag(p)
+    add_runtime_args(p)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.config import apply_overrides
     from pathm3.evaluate import evaluate, thresholds_of, write_json, write_predictions
     from pathm3.manifest import SPLITS, read_manifest
-    from pathm3.pretrained import load_checkpoint
 
     ckpt = _checkpoint_path(args.checkpoint)
-    model, cfg, classes = load_checkpoint(ckpt)
+    model, cfg, classes = _load(ckpt, args)
     if args.strip_class_words:
         cfg = apply_overrides(cfg, ["data.strip_class_words=true"])
     split = args.split or cfg.eval.split
@@ -155,6 +156,16 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     _print_metrics(out)
     print(f"wrote {out} and {predictions}")
     return 0
+
+
+def _load(ckpt: Path, args: argparse.Namespace):
+    """(model on --device, config with --precision / --num-workers applied, classes)."""
+    from pathm3.pretrained import load_checkpoint
+    from pathm3.runtime import for_inference
+
+    model, cfg, classes = load_checkpoint(ckpt)
+    model, cfg = for_inference(model, cfg, args.device, args.precision, getattr(args, "num_workers", None))
+    return model, cfg, classes
 
 
 def _checkpoint_path(text: str) -> Path:
@@ -193,11 +204,11 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=None,
                    help="nucleus sampling threshold in (0, 1] (with --sample)")
     _foreign_flag(p)
+    add_runtime_args(p)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.evaluate import predict, thresholds_of, write_predictions
     from pathm3.manifest import Slide, one_hot
-    from pathm3.pretrained import load_checkpoint
 
     out = Path(args.output)
     if out.suffix.lower() not in (".csv", ".json"):
@@ -206,14 +217,15 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     bags = _bag_files(args.inputs)
     captions = _read_captions(Path(args.captions)) if args.captions else {}
     ckpt = _checkpoint_path(args.checkpoint)
-    model, cfg, classes = load_checkpoint(ckpt)
+    model, cfg, classes = _load(ckpt, args)
     slides = [Slide(b.stem, one_hot(None, len(classes)), captions.get(b.stem), "test", b, 0) for b in bags]
     _check_bags(bags, ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
     gen = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                              "do_sample": True if args.sample else None, "temperature": args.temperature,
                              "top_p": args.top_p}.items() if v is not None}
     preds = predict(model, slides, classes, batch_size=args.batch_size, strip_words=cfg.data.strip_class_words,
-                    progress=not args.no_progress, **gen)
+                    progress=not args.no_progress, precision=cfg.eval.precision, num_workers=cfg.data.num_workers,
+                    **gen)
     write_predictions(preds, classes, out, model.multilabel, thresholds_of(cfg, classes))
     print(f"{len(preds)} slides -> {out}")
     return 0
@@ -263,17 +275,17 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
                    help="explain one class (e.g. one finding of a multi-label model): score each patch by its "
                    "contribution to that class's logit (gradient x input) instead of the aggregator's attention")
     _foreign_flag(p)
+    add_runtime_args(p, workers=False)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.bags import read_bag
     from pathm3.evaluate import thresholds_of
     from pathm3.heatmap import check_slide, export
-    from pathm3.pretrained import load_checkpoint
 
     if args.slide and len(args.slide) != len(args.bag):
         raise UsageError(f"--slide got {len(args.slide)} file(s) for {len(args.bag)} bag(s); give one per bag")
     ckpt = _checkpoint_path(args.checkpoint)
-    model, cfg, classes = load_checkpoint(ckpt)
+    model, cfg, classes = _load(ckpt, args)
     if args.class_name is not None and args.class_name not in classes:
         raise UsageError(f"--class {args.class_name}: not a class of this model ({', '.join(classes)})")
     for bag in args.bag:  # every input is checked before anything is written
@@ -286,7 +298,8 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     for i, bag in enumerate(args.bag):
         slide = args.slide[i] if args.slide else None
         written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query,
-                         class_name=args.class_name, thresholds=thresholds_of(cfg, classes))
+                         class_name=args.class_name, thresholds=thresholds_of(cfg, classes),
+                         precision=cfg.eval.precision)
         for kind, path in written.items():
             print(f"{kind:8s} {path}")
     return 0

@@ -132,6 +132,9 @@ class EvalConfig(Section):
     # Multi-label: probability at or above which a finding is predicted, one for all or per class.
     thresholds: Union[float, dict[str, float]] = 0.5
     tune_thresholds: bool = False  # multi-label: choose per-class thresholds on val (saved with the run)
+    # Where evaluation (after training, and pathm3-eval/-predict/-heatmap unless --device is given) runs.
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: CUDA when present
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the model's matrix products (torch.autocast)
 
 
 class Config(Section):

@@ -27,6 +27,7 @@ from pathm3.files import write_csv, write_text
 from pathm3.manifest import Slide
 from pathm3.metrics import caption_metrics, classification_metrics, multilabel_metrics
 from pathm3.model import PathM3
+from pathm3.runtime import autocast, to_numpy
 from pathm3.text import strip_class_words
 
 
@@ -50,15 +51,20 @@ class Prediction:
 @torch.no_grad()
 def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, batch_size: int = 4,
             strip_words: bool = False, also_stripped: bool = False, captions: bool = True,
-            progress: bool = True, **generation: Any) -> list[Prediction]:
-    """Predict every slide; one mixer pass per batch serves every output."""
+            progress: bool = True, precision: str = "fp32", num_workers: int = 0,
+            **generation: Any) -> list[Prediction]:
+    """Predict every slide on the model's device; one mixer pass per batch serves every output.
+
+    Bags stream from disk through a DataLoader (``num_workers`` reader processes, pinned memory on
+    CUDA), so only a batch is in memory at a time; ``precision`` is that of :func:`pathm3.runtime.autocast`."""
     from tqdm.auto import tqdm
 
     model.eval()
     device = next(model.parameters()).device
     strip = lambda caps: [strip_class_words(c, classes) if c else c for c in caps]  # noqa: E731
     tokenize = model.aggregator.tokenize if model.reads_text else None
-    loader = DataLoader(BagDataset(slides), batch_size=batch_size, collate_fn=BagCollator())
+    loader = DataLoader(BagDataset(slides), batch_size=batch_size, collate_fn=BagCollator(), num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
     out: list[Prediction] = []
     for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress, leave=False):
         refs = batch.captions
@@ -66,9 +72,11 @@ def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, b
         if also_stripped:
             sets["text_stripped"] = strip(refs)
         texts = {name: _tokens(tokenize, caps, device) for name, caps in sets.items()} if tokenize else {}
-        res = model.infer(batch.features.to(device), batch.mask.to(device), texts, generate=captions, **generation)
-        probs = res.probabilities.cpu().numpy()
-        text_probs = {k: (None if v is None else v.cpu().numpy()) for k, v in res.text_probabilities.items()}
+        feats, mask = batch.features.to(device, non_blocking=True), batch.mask.to(device, non_blocking=True)
+        with autocast(device, precision):
+            res = model.infer(feats, mask, texts, generate=captions, **generation)
+        probs = to_numpy(res.probabilities)
+        text_probs = {k: (None if v is None else to_numpy(v)) for k, v in res.text_probabilities.items()}
         for i, sid in enumerate(batch.slide_ids):
             per_set = {k: (v[i] if v is not None and sets[k][i] else None) for k, v in text_probs.items()}
             out.append(Prediction(sid, batch.targets[i].numpy(), refs[i], probs[i], per_set.get("text"),
@@ -129,8 +137,9 @@ def evaluate(model: PathM3, cfg: Config, classes: Sequence[str], slides: Sequenc
     """Predict a split and score it. With ``data.strip_class_words`` false, the image+text accuracy
     with class words removed from the captions is reported too (``image_text_class_words_stripped``)."""
     preds = predict(model, slides, classes, batch_size=cfg.eval.batch_size, strip_words=cfg.data.strip_class_words,
-                    also_stripped=not cfg.data.strip_class_words, progress=progress,
-                    num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
+                    also_stripped=not cfg.data.strip_class_words, progress=progress, precision=cfg.eval.precision,
+                    num_workers=cfg.data.num_workers, num_beams=cfg.eval.num_beams,
+                    max_new_tokens=cfg.eval.max_new_tokens)
     return evaluate_predictions(preds, classes, model.multilabel, thresholds_of(cfg, classes)), preds
 
 

@@ -27,6 +27,7 @@ from pathm3.data import check_feature_width
 from pathm3.errors import DataError
 from pathm3.files import atomic_output, write_csv, write_text
 from pathm3.model import PathM3
+from pathm3.runtime import autocast, to_numpy
 
 
 @dataclass
@@ -52,9 +53,9 @@ class BagExplanation:
 
 @torch.no_grad()
 def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, per_query: bool = False,
-            caption: bool = True, class_name: str | None = None, thresholds: np.ndarray | None = None
-            ) -> BagExplanation:
-    """Patch scores, predicted class(es) and generated caption for one bag."""
+            caption: bool = True, class_name: str | None = None, thresholds: np.ndarray | None = None,
+            precision: str = "fp32") -> BagExplanation:
+    """Patch scores, predicted class(es) and generated caption for one bag (on the model's device)."""
     from pathm3.evaluate import decide
 
     model.eval()
@@ -63,13 +64,14 @@ def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, 
     device = next(model.parameters()).device
     feats = torch.from_numpy(bag.features)[None].to(device)  # (1, M, D)
     mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
-    out = model.infer(feats, mask, generate=caption)
-    scores, method = out.scores[0].cpu().numpy(), "attention"  # (M,)
-    if class_name is not None:
-        scores = model.class_contributions(feats, mask, list(classes).index(class_name))[0].cpu().numpy()
-        method = f"contribution to {class_name}"
-    per = out.query_scores[0].cpu().numpy() if (per_query and out.query_scores is not None) else None
-    probs = out.probabilities[0].cpu().numpy()
+    with autocast(device, precision):
+        out = model.infer(feats, mask, generate=caption)
+        scores, method = to_numpy(out.scores[0]), "attention"  # (M,)
+        if class_name is not None:
+            scores = to_numpy(model.class_contributions(feats, mask, list(classes).index(class_name))[0])
+            method = f"contribution to {class_name}"
+    per = to_numpy(out.query_scores[0]) if (per_query and out.query_scores is not None) else None
+    probs = to_numpy(out.probabilities[0])
     chosen = decide(probs, model.multilabel, thresholds)
     predicted = ";".join(c for c, on in zip(classes, chosen) if on) or "none" if model.multilabel \
         else classes[int(chosen)]
@@ -212,12 +214,14 @@ def check_slide(slide_path: str | os.PathLike) -> None:
 
 def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, out_dir: str | os.PathLike,
            slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False,
-           class_name: str | None = None, thresholds: np.ndarray | None = None) -> dict[str, Path]:
+           class_name: str | None = None, thresholds: np.ndarray | None = None, precision: str = "fp32"
+           ) -> dict[str, Path]:
     """Write every output for one bag; returns {kind: path}. The slide is opened first, so a slide
     that cannot be read leaves nothing written."""
     if slide_path is not None:
         check_slide(slide_path)
-    ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds)
+    ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds,
+                 precision=precision)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sid = ex.bag.slide_id

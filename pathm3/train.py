@@ -43,6 +43,7 @@ from pathm3.parts.t5 import NoCaptionerConfig
 from pathm3.pretrained import (build_model, checkpoint_provenance, checkpoint_tokenizer, load_checkpoint,
                                needs_built_tokenizer, save_checkpoint)
 from pathm3.provenance import cohort_provenance
+from pathm3.runtime import for_inference
 from pathm3.summary import summarise
 from pathm3.text import build_word_tokenizer, strip_class_words, word_tokenizer_from_json, word_tokenizer_to_json
 
@@ -272,6 +273,7 @@ def evaluate_run(out: Path, split: str = "test", progress: bool = True) -> dict[
     if not ckpt.is_file():
         ckpt = out / "checkpoints" / "last.safetensors"
     model, cfg, classes = load_checkpoint(ckpt)
+    model, cfg = for_inference(model, cfg)  # eval.device, eval.precision
     if model.multilabel and cfg.eval.tune_thresholds:
         cfg = _tune_and_store_thresholds(model, cfg, classes, ckpt, progress)
     slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=[split],
@@ -287,7 +289,8 @@ def _tune_and_store_thresholds(model: PathM3, cfg: Config, classes: list[str], c
     val = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=["val"], multilabel=True)
     if not val:
         return cfg
-    preds = predict(model, val, classes, batch_size=cfg.eval.batch_size, captions=False, progress=progress)
+    preds = predict(model, val, classes, batch_size=cfg.eval.batch_size, captions=False, progress=progress,
+                    precision=cfg.eval.precision, num_workers=cfg.data.num_workers)
     tuned = tune_thresholds(np.stack([p.targets for p in preds]), np.stack([p.probabilities for p in preds]))
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(
         update={"thresholds": {c: float(t) for c, t in zip(classes, tuned)}})})

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+from transformers.utils import logging as hf_logging
 
 from pathm3.errors import DataError
 from pathm3.parts.base import Aggregator, AggregatorOutput, PartConfig, TextBatch
@@ -53,6 +54,21 @@ class QFormerConfig(PartConfig):
     init_std: float | None = Field(None, gt=0)
     text_input: Literal["always", "never", "dropout"] = "dropout"  # the caption as classifier input
     text_dropout: float = Field(0.5, ge=0, le=1)  # with text_input=dropout: P(drop the caption) in training
+    # Training memory: keep only each layer's input and recompute the layer in backward, so the
+    # cross-attention's keys, values and attention maps over the M patches are never all held at
+    # once (whole 100k-patch bags; costs one more Q-Former forward per step).
+    gradient_checkpointing: bool = False
+
+
+@contextmanager
+def quiet_transformers():
+    """Silence transformers' log warnings inside the block."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def qformer_architecture(cfg: QFormerConfig, in_dim: int) -> Blip2QFormerConfig:
@@ -91,6 +107,9 @@ class QFormerAggregator(Aggregator):
         self.query_tokens = torch.nn.Parameter(torch.randn(1, cfg.num_queries, arch.hidden_size) * arch.initializer_range)
         self.text_embeddings = Blip2TextEmbeddings(arch)
         self.qformer = Blip2QFormerModel(arch)
+        if cfg.gradient_checkpointing:
+            with quiet_transformers():  # it warns that the Q-Former has no token embeddings: true, and harmless
+                self.qformer.activation_checkpointing_enable()  # non-reentrant torch.utils.checkpoint per layer
 
     # ---------------------------------------------------------------- text
 
