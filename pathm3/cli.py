@@ -101,7 +101,13 @@ def _print_metrics(path: Path) -> None:
         c = m["captioning"]
         parts += [f"BLEU-4 {c['bleu_4']:.3f}", f"METEOR {c['meteor']:.3f}", f"ROUGE-L {c['rouge_l']:.3f}",
                   f"CIDEr {c['cider']:.3f}"]
-    print(f"test ({m['n_slides']} slides): " + ", ".join(parts))
+        if c.get("class_agreement") is not None:
+            parts.append(f"caption names the predicted class {c['class_agreement']:.3f}")
+    if m.get("captioning_retrieval"):
+        parts.append(f"BLEU-4 of the nearest training caption {m['captioning_retrieval']['bleu_4']:.3f}")
+    if m.get("retrieval"):
+        parts.append(f"slide->caption R@1 {m['retrieval']['slide_to_caption_r@1']:.3f}")
+    print(f"{m.get('split', 'test')} ({m['n_slides']} slides): " + ", ".join(parts))
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     _common(p)
     args = p.parse_args(argv)
     from pathm3.config import apply_overrides
-    from pathm3.evaluate import evaluate, thresholds_of, write_json, write_predictions
+    from pathm3.evaluate import evaluate, thresholds_of, training_slides, write_json, write_predictions
     from pathm3.manifest import SPLITS, read_manifest
 
     ckpt = _checkpoint_path(args.checkpoint)
@@ -149,7 +155,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output) if args.output else ckpt.parent.parent / f"metrics{suffix}.json"
     predictions = out.parent / f"predictions{suffix}.csv"
     check_writable(out)
-    metrics, preds = evaluate(model, cfg, classes, slides, progress=not args.no_progress)
+    metrics, preds = evaluate(model, cfg, classes, slides, progress=not args.no_progress,
+                              reference=training_slides(cfg, classes))
     metrics["checkpoint"], metrics["split"] = str(ckpt), split
     write_json(metrics, out)
     write_predictions(preds, classes, predictions, model.multilabel, thresholds_of(cfg, classes))
@@ -200,9 +207,15 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
                    help="caption length limit (default: the config's)")
     p.add_argument("--sample", action="store_true", help="sample captions instead of beam search")
     p.add_argument("--temperature", type=number(float, 0, low_open=True), default=None,
-                   help="sampling temperature, > 0 (with --sample)")
+                   help="sampling temperature, > 0 (with --sample; report generators use 0.4)")
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=None,
-                   help="nucleus sampling threshold in (0, 1] (with --sample)")
+                   help="nucleus sampling threshold in (0, 1] (with --sample; report generators use 0.9)")
+    p.add_argument("--top-k", type=number(int, 0), default=None,
+                   help="sample only among the k likeliest tokens (with --sample; 0: no limit)")
+    p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True), default=None,
+                   help="> 1 discourages repeating tokens (default: the config's, 1.0)")
+    p.add_argument("--no-repeat-ngram-size", type=number(int, 0), default=None,
+                   help="never repeat an n-gram of this size (0: off)")
     _foreign_flag(p)
     add_runtime_args(p)
     _common(p)
@@ -222,7 +235,8 @@ def predict_main(argv: Sequence[str] | None = None) -> int:
     _check_bags(bags, ckpt, cfg.model.feature_dim, args.allow_foreign_bags)
     gen = {k: v for k, v in {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens,
                              "do_sample": True if args.sample else None, "temperature": args.temperature,
-                             "top_p": args.top_p}.items() if v is not None}
+                             "top_p": args.top_p, "top_k": args.top_k, "repetition_penalty": args.repetition_penalty,
+                             "no_repeat_ngram_size": args.no_repeat_ngram_size}.items() if v is not None}
     preds = predict(model, slides, classes, batch_size=args.batch_size, strip_words=cfg.data.strip_class_words,
                     progress=not args.no_progress, precision=cfg.eval.precision, num_workers=cfg.data.num_workers,
                     **gen)

@@ -33,6 +33,7 @@ from pathm3.config_errors import explain
 from pathm3.errors import ConfigError
 from pathm3.parts import AGGREGATORS, CAPTIONER_CONFIGS, CAPTIONERS, MIXERS, section_type
 from pathm3.parts.base import PartConfig as Section
+from pathm3.parts.contrastive import ContrastiveConfig
 from pathm3.parts.heads import HeadConfig
 from pathm3.parts.nystrom import NystromConfig
 from pathm3.parts.qformer import QFormerConfig
@@ -52,6 +53,9 @@ class DataConfig(Section):
     max_patches: int | None = Field(None, ge=1)  # training only: random subset of at most this many patches
     strip_class_words: bool = False  # remove class phrases from captions used as classifier input
     num_workers: int = Field(0, ge=0)  # DataLoader worker processes
+    # The words captions use for each class ({class: [phrase, ...]}), for captioning.class_agreement;
+    # a class not listed is named by its own name (underscores read as spaces).
+    class_phrases: dict[str, list[str]] = {}
 
 
 class ModelConfig(Section):
@@ -78,6 +82,16 @@ class ModelConfig(Section):
 
 
 DEFAULT_TYPES = {"mixer": "nystrom", "aggregator": "qformer", "captioner": "t5"}
+
+
+PartName = Literal["mixer", "aggregator", "head", "captioner", "projection", "contrastive"]
+
+
+class ParamGroupConfig(Section):
+    """One part's optimizer settings in ``train.param_groups`` (unset: the train section's)."""
+
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
 
 
 class TrainConfig(Section):
@@ -108,6 +122,10 @@ class TrainConfig(Section):
     monitor_mode: Literal["max", "min"] = "max"
     check_val_every_n_epoch: int = Field(1, ge=1)
     deterministic: bool = True
+    scheduler: Literal["warmup_cosine", "onecycle"] = "warmup_cosine"  # per optimizer step
+    # Per-part learning rate / weight decay, e.g. {captioner: {lr: 2.0e-5}}; unnamed parts use lr.
+    param_groups: dict[PartName, ParamGroupConfig] = {}
+    contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
 
     @model_validator(mode="after")
     def _check(self):
@@ -153,10 +171,16 @@ class Config(Section):
                              "(use model.head.type: auto)")
         if len(set(self.data.classes)) != len(self.data.classes):
             raise ValueError(f"data.classes repeats a name: {self.data.classes}")
+        if self.train.contrastive.weight > 0 and not AGGREGATORS[self.model.aggregator.type].takes_text:
+            raise ValueError(f"train.contrastive needs an aggregator that encodes captions (qformer), "
+                             f"not {self.model.aggregator.type}; set train.contrastive.weight: 0")
         thresholds = self.eval.thresholds
         values = thresholds.values() if isinstance(thresholds, dict) else [thresholds]
         if not all(0 < t < 1 for t in values):
             raise ValueError(f"eval.thresholds must lie in (0, 1), got {thresholds}")
+        if set(self.data.class_phrases) - set(self.data.classes):
+            raise ValueError(f"data.class_phrases names unknown classes "
+                             f"{sorted(set(self.data.class_phrases) - set(self.data.classes))}")
         if isinstance(thresholds, dict) and set(thresholds) - set(self.data.classes):
             raise ValueError(f"eval.thresholds names unknown classes {sorted(set(thresholds) - set(self.data.classes))}")
         return self
@@ -191,7 +215,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
     Raises :class:`ConfigError` naming the file (or ``--set``) and the offending key.
     """
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml(Path(path)) if path is not None else {}
     cfg = config_from_dict(raw, str(path) if path is not None else "<defaults>")
     return apply_overrides(cfg, overrides)
 
@@ -258,7 +282,8 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's mapping, or a :class:`ConfigError` naming the file."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
     try:

@@ -23,7 +23,9 @@ RENAMED = {
     "model.text_input": "model.aggregator.text_input",
     "model.text_dropout": "model.aggregator.text_dropout",
     "model.classifier_dropout": "model.head.dropout",
-    "model.captioner.enabled": "model.captioner.type (t5, or none for no captioner)",
+    "model.captioner.enabled": "model.captioner.type (t5, causal_lm, or none for no captioner)",
+    "model.captioner.freeze": "model.captioner.finetune (frozen, lora or full; `freeze: true` is `finetune: frozen`, "
+                              "`freeze: false` is `finetune: full`)",
 }
 TYPE_ERRORS = {"int_type", "float_type", "bool_type", "string_type", "list_type", "literal_error", "int_from_float",
                "float_parsing", "int_parsing", "bool_parsing", "none_required", "is_instance_of"}

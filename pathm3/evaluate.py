@@ -28,7 +28,7 @@ from pathm3.manifest import Slide
 from pathm3.metrics import caption_metrics, classification_metrics, multilabel_metrics
 from pathm3.model import PathM3
 from pathm3.runtime import autocast, to_numpy
-from pathm3.text import strip_class_words
+from pathm3.text import class_phrases, named_classes, strip_class_words
 
 
 @dataclass
@@ -42,6 +42,9 @@ class Prediction:
     probabilities_text: np.ndarray | None  # image + the slide's caption (class words stripped if configured)
     probabilities_text_stripped: np.ndarray | None  # image + caption with class words stripped
     caption_pred: str | None
+    embedding: np.ndarray | None = None  # (Q,) the slide's tokens, mean-pooled (caption retrieval baseline)
+    slide_embedding: np.ndarray | None = None  # (E,) contrastive space, when trained with train.contrastive
+    caption_embedding: np.ndarray | None = None  # (E,) the reference caption in that space
 
     @property
     def labelled(self) -> bool:
@@ -62,7 +65,7 @@ def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, b
     model.eval()
     device = next(model.parameters()).device
     strip = lambda caps: [strip_class_words(c, classes) if c else c for c in caps]  # noqa: E731
-    tokenize = model.aggregator.tokenize if model.reads_text else None
+    tokenize = model.aggregator.tokenize if (model.reads_text or model.contrastive is not None) else None
     loader = DataLoader(BagDataset(slides), batch_size=batch_size, collate_fn=BagCollator(), num_workers=num_workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     out: list[Prediction] = []
@@ -77,10 +80,14 @@ def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, b
             res = model.infer(feats, mask, texts, generate=captions, **generation)
         probs = to_numpy(res.probabilities)
         text_probs = {k: (None if v is None else to_numpy(v)) for k, v in res.text_probabilities.items()}
+        emb, slide_emb, cap_emb = (None if t is None else to_numpy(t)
+                                   for t in (res.embedding, res.slide_embedding, res.caption_embedding))
         for i, sid in enumerate(batch.slide_ids):
             per_set = {k: (v[i] if v is not None and sets[k][i] else None) for k, v in text_probs.items()}
             out.append(Prediction(sid, batch.targets[i].numpy(), refs[i], probs[i], per_set.get("text"),
-                                  per_set.get("text_stripped"), res.captions[i] if res.captions else None))
+                                  per_set.get("text_stripped"), res.captions[i] if res.captions else None,
+                                  None if emb is None else emb[i], None if slide_emb is None else slide_emb[i],
+                                  None if cap_emb is None or not refs[i] else cap_emb[i]))
     return out
 
 
@@ -105,8 +112,11 @@ def decide(probs: np.ndarray, multilabel: bool, thresholds: np.ndarray | None = 
 
 
 def evaluate_predictions(preds: Sequence[Prediction], classes: Sequence[str], multilabel: bool = False,
-                         thresholds: np.ndarray | None = None) -> dict[str, Any]:
-    """The ``metrics.json`` of ``pathm3-eval`` from predictions."""
+                         thresholds: np.ndarray | None = None, phrases: dict[str, list[str]] | None = None,
+                         reference: Sequence[Prediction] = ()) -> dict[str, Any]:
+    """The ``metrics.json`` of ``pathm3-eval`` from predictions. ``phrases``: the words captions use
+    per class (``captioning.class_agreement``); ``reference``: predictions of the training slides,
+    whose captions are the retrieval baseline (``captioning_retrieval``)."""
     labelled = [p for p in preds if p.labelled]
     captioned = [p for p in preds if p.caption_ref and p.caption_pred is not None]
 
@@ -124,23 +134,87 @@ def evaluate_predictions(preds: Sequence[Prediction], classes: Sequence[str], mu
         classification = {"image_only": cls("probabilities"), "image_text": cls("probabilities_text")}
         if classification["image_text"] and any(p.probabilities_text_stripped is not None for p in labelled):
             classification["image_text_class_words_stripped"] = cls("probabilities_text_stripped")
-    return {
-        "n_slides": len(preds),
-        "classification": classification,
-        "captioning": None if not captioned else caption_metrics(
-            {p.slide_id: [p.caption_ref] for p in captioned}, {p.slide_id: p.caption_pred for p in captioned}),
-    }
+    captioning = retrieved = None
+    if captioned:
+        refs = {p.slide_id: [p.caption_ref] for p in captioned}
+        captioning = caption_metrics(refs, {p.slide_id: p.caption_pred for p in captioned})
+        captioning["class_agreement"] = None if multilabel else class_agreement(captioned, classes, phrases)
+        nearest = nearest_captions(captioned, reference)
+        retrieved = caption_metrics(refs, nearest) if nearest else None
+    return {"n_slides": len(preds), "classification": classification, "captioning": captioning,
+            "captioning_retrieval": retrieved, "retrieval": retrieval_metrics(preds)}
+
+
+def class_agreement(preds: Sequence[Prediction], classes: Sequence[str], phrases: dict[str, list[str]] | None
+                    ) -> float | None:
+    """Share of slides whose generated caption names the class the classifier predicted (image
+    only); None when no reference caption names a class (the phrases are not known)."""
+    known = class_phrases(classes, phrases)
+    if not any(named_classes(p.caption_ref, known) for p in preds):
+        return None
+    return float(np.mean([classes[int(p.probabilities.argmax())] in named_classes(p.caption_pred, known)
+                          for p in preds]))
+
+
+def nearest_captions(preds: Sequence[Prediction], reference: Sequence[Prediction]) -> dict[str, str]:
+    """Per slide, the caption of the training slide nearest by bag embedding (cosine)."""
+    ref = [r for r in reference if r.caption_ref and r.embedding is not None]
+    rows = [p for p in preds if p.embedding is not None]
+    if not ref or not rows:
+        return {}
+    unit = lambda e: e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    sim = unit(np.stack([p.embedding for p in rows])) @ unit(np.stack([r.embedding for r in ref])).T
+    return {p.slide_id: ref[int(j)].caption_ref for p, j in zip(rows, sim.argmax(1))}
+
+
+def retrieval_metrics(preds: Sequence[Prediction], ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any] | None:
+    """Slide->caption and caption->slide recall@k in the contrastive space over the slides with a
+    caption. Slides sharing a caption text share its candidate: a hit is any item whose caption
+    text is the query's (chance: k / number of distinct captions)."""
+    rows = [p for p in preds if p.slide_embedding is not None and p.caption_embedding is not None]
+    if len(rows) < 2:
+        return None
+    texts = sorted({p.caption_ref for p in rows})
+    which = np.array([texts.index(p.caption_ref) for p in rows])  # (n,) each slide's caption
+    caption_emb = np.stack([next(p.caption_embedding for p in rows if p.caption_ref == t) for t in texts])  # (u, E)
+    sim = np.stack([p.slide_embedding for p in rows]) @ caption_emb.T  # (n slides, u captions)
+    order_c = np.argsort(-sim, axis=1, kind="stable")  # captions ranked per slide
+    order_s = np.argsort(-sim.T, axis=1, kind="stable")  # slides ranked per caption
+    out: dict[str, Any] = {"n_slides": len(rows), "n_captions": len(texts)}
+    for k in ks:
+        out[f"slide_to_caption_r@{k}"] = float(np.mean([which[i] in order_c[i, :k] for i in range(len(rows))]))
+        out[f"caption_to_slide_r@{k}"] = float(np.mean([(which[order_s[j, :k]] == j).any() for j in range(len(texts))]))
+    return out
+
+
+def training_slides(cfg: Config, classes: Sequence[str]) -> list[Slide]:
+    """The config's training slides with a caption and a bag (the retrieval baseline's captions);
+    none when the training manifest or its bags are not here."""
+    from pathm3.errors import DataError
+    from pathm3.manifest import read_manifest
+
+    try:
+        slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=["train"],
+                               multilabel=cfg.data.multilabel)
+    except (DataError, OSError):
+        return []
+    return [s for s in slides if s.caption and Path(s.bag_path).is_file()]
 
 
 def evaluate(model: PathM3, cfg: Config, classes: Sequence[str], slides: Sequence[Slide],
-             progress: bool = True) -> tuple[dict[str, Any], list[Prediction]]:
+             progress: bool = True, reference: Sequence[Slide] = ()) -> tuple[dict[str, Any], list[Prediction]]:
     """Predict a split and score it. With ``data.strip_class_words`` false, the image+text accuracy
-    with class words removed from the captions is reported too (``image_text_class_words_stripped``)."""
-    preds = predict(model, slides, classes, batch_size=cfg.eval.batch_size, strip_words=cfg.data.strip_class_words,
-                    also_stripped=not cfg.data.strip_class_words, progress=progress, precision=cfg.eval.precision,
-                    num_workers=cfg.data.num_workers, num_beams=cfg.eval.num_beams,
-                    max_new_tokens=cfg.eval.max_new_tokens)
-    return evaluate_predictions(preds, classes, model.multilabel, thresholds_of(cfg, classes)), preds
+    with class words removed from the captions is reported too (``image_text_class_words_stripped``).
+    ``reference``: the training slides, for the caption retrieval baseline (one more pass, no captions)."""
+    run = dict(batch_size=cfg.eval.batch_size, progress=progress, precision=cfg.eval.precision,
+               num_workers=cfg.data.num_workers)
+    preds = predict(model, slides, classes, strip_words=cfg.data.strip_class_words,
+                    also_stripped=not cfg.data.strip_class_words, num_beams=cfg.eval.num_beams,
+                    max_new_tokens=cfg.eval.max_new_tokens, **run)
+    captioned = [s for s in reference if s.caption] if model.captioner is not None else []
+    refs = predict(model, captioned, classes, captions=False, **run) if captioned else []
+    return evaluate_predictions(preds, classes, model.multilabel, thresholds_of(cfg, classes),
+                                cfg.data.class_phrases, refs), preds
 
 
 # --------------------------------------------------------------------------------------------

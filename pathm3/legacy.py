@@ -5,6 +5,10 @@ That release had one model class: ``correlation`` / ``qformer`` / ``classifier``
 ``model.correlation`` (with ``enabled``), ``model.qformer``, ``model.text_input``,
 ``model.text_dropout``, ``model.classifier_dropout``, ``model.captioner`` (with ``enabled``).
 Both map one to one onto the parts, so old checkpoints load with identical outputs.
+
+Checkpoints of both formats written before ``model.captioner.finetune`` existed say
+``freeze: true`` (now ``finetune: frozen``) or ``freeze: false`` (now ``finetune: full``);
+:func:`upgrade_finetune` converts them and stores the same tensors either way.
 """
 
 from __future__ import annotations
@@ -52,4 +56,14 @@ def upgrade_config(raw: dict[str, Any]) -> dict[str, Any]:
     model["head"] = {"type": "auto", "dropout": model.pop("classifier_dropout", 0.1)}
     captioner = dict(model.pop("captioner", {}))
     model["captioner"] = {"type": "t5", **captioner} if captioner.pop("enabled", True) else {"type": "none"}
-    return raw
+    return upgrade_finetune(raw)
+
+
+def upgrade_finetune(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with the captioner's ``freeze: bool`` as ``finetune: frozen | full``."""
+    captioner = (raw.get("model") or {}).get("captioner")
+    if not isinstance(captioner, dict) or "freeze" not in captioner:
+        return raw
+    captioner = dict(captioner)
+    captioner["finetune"] = "frozen" if captioner.pop("freeze") else "full"
+    return {**raw, "model": {**raw["model"], "captioner": captioner}}

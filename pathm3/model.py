@@ -27,6 +27,7 @@ from torch import nn
 from pathm3.config import ModelConfig
 from pathm3.parts import AGGREGATORS, CAPTIONERS, HEADS, MIXERS
 from pathm3.parts.base import AggregatorOutput, TextBatch
+from pathm3.parts.contrastive import ContrastiveAlignment, ContrastiveConfig
 
 
 @dataclass
@@ -46,10 +47,11 @@ class Batch:
 class ModelOutput:
     """One training/validation step."""
 
-    loss: torch.Tensor  # alpha * loss_cls + (1 - alpha) * loss_gen
+    loss: torch.Tensor  # alpha * loss_cls + (1 - alpha) * loss_gen + w * loss_contrastive
     loss_cls: torch.Tensor  # detached
     loss_gen: torch.Tensor  # detached
     logits: torch.Tensor  # (B, C) from the classifier's input (with the caption when it was used)
+    loss_contrastive: torch.Tensor | None = None  # detached; None without train.contrastive
 
 
 @dataclass
@@ -62,6 +64,9 @@ class Inference:
     captions: list[str] | None  # generated, when asked and the model has a captioner
     scores: torch.Tensor  # (B, M) per-patch scores of the aggregator, 0 at padding
     query_scores: torch.Tensor | None  # (B, K, M) per token, when the aggregator has them
+    embedding: torch.Tensor | None = None  # (B, Q) the slide's tokens, mean-pooled
+    slide_embedding: torch.Tensor | None = None  # (B, E) in the contrastive space (train.contrastive)
+    caption_embedding: torch.Tensor | None = None  # (B, E) of texts["text"] in that space, rows without one 0
 
 
 class PathM3(nn.Module):
@@ -71,10 +76,12 @@ class PathM3(nn.Module):
         cfg: the ``model`` section; num_classes: C; head: ``single_label`` or ``multi_label``.
         text_tokenizer: for captions fed to an aggregator that reads text (the Q-Former).
         caption_tokenizer: the captioner's tokenizer.
+        contrastive: ``train.contrastive``; with a weight > 0 the model gets the projections of
+            the image-text contrastive loss (:mod:`pathm3.parts.contrastive`).
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, head: str = "single_label",
-                 text_tokenizer=None, caption_tokenizer=None):
+                 text_tokenizer=None, caption_tokenizer=None, contrastive: ContrastiveConfig | None = None):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
         self.mixer = MIXERS[cfg.mixer.type](cfg.mixer, cfg.feature_dim)
@@ -84,6 +91,8 @@ class PathM3(nn.Module):
         self.head = HEADS[head](cfg.head, self.aggregator.out_dim, num_classes)
         captioner = CAPTIONERS[cfg.captioner.type]
         self.captioner = captioner(cfg.captioner, self.aggregator.out_dim, caption_tokenizer) if captioner else None
+        self.contrastive = ContrastiveAlignment(contrastive, self.aggregator.out_dim) \
+            if contrastive is not None and contrastive.weight > 0 else None
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -98,27 +107,41 @@ class PathM3(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The model's parts by name (what ``train.param_groups`` and summaries refer to)."""
-        named = {"mixer": self.mixer, "aggregator": self.aggregator, "head": self.head}
-        return named | ({"captioner": self.captioner} if self.captioner is not None else {})
+        named = {"mixer": self.mixer, "aggregator": self.aggregator, "head": self.head,
+                 "captioner": self.captioner, "contrastive": self.contrastive}
+        return {name: part for name, part in named.items() if part is not None}
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs that receive gradients; the optimizer gets only these."""
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
-    def frozen_pretrained_prefixes(self) -> list[str]:
-        """State-dict prefixes of frozen weights that load from folders and are never checkpointed."""
-        out = []
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores, by state-dict key: everything, except that a part with a
+        ``trainable_state_dict()`` (a captioner) stores only that: it leaves out the frozen language
+        model its folder provides."""
+        state = self.state_dict()
         for name, part in self.parts().items():
-            prefix = getattr(part, "frozen_pretrained_prefix", None)
-            if prefix:
-                out.append(f"{name}.{prefix}")
-        return out
+            if hasattr(part, "trainable_state_dict"):
+                keep = {f"{name}.{k}" for k in part.trainable_state_dict()}
+                state = {k: v for k, v in state.items() if not k.startswith(f"{name}.") or k in keep}
+        return state
 
-    def load_pretrained(self) -> None:
-        """Let every part load its pretrained weights from the local folders its config names."""
-        for part in self.parts().values():
-            if hasattr(part, "load_pretrained"):
-                part.load_pretrained()
+    def unstored_keys(self) -> set[str]:
+        """State-dict keys a checkpoint leaves out: weights read from pretrained folders again."""
+        return set(self.state_dict()) - set(self.checkpoint_state_dict())
+
+    def load_pretrained(self, only_missing: bool = False) -> None:
+        """Let every part load its pretrained weights from the local folders its config names. With
+        ``only_missing`` (before a checkpoint is loaded): only the parts a checkpoint cannot fill,
+        those with weights it leaves out or still empty (on the meta device)."""
+        unstored = self.unstored_keys() if only_missing else set()
+        for name, part in self.parts().items():
+            if not hasattr(part, "load_pretrained"):
+                continue
+            covered = not any(k.startswith(f"{name}.") for k in unstored)
+            if only_missing and covered and not any(p.is_meta for p in part.parameters()):
+                continue
+            part.load_pretrained()
 
     def set_tokenizers(self, text_tokenizer=None, caption_tokenizer=None) -> None:
         """Give the text-reading aggregator and the captioner their tokenizers."""
@@ -134,7 +157,8 @@ class PathM3(nn.Module):
             return None, None
         targets = self.captioner.tokenize(captions) if self.captioner is not None else None
         cls_caps = classifier_captions if classifier_captions is not None else captions
-        text = self.aggregator.tokenize(cls_caps) if self.reads_text and any(cls_caps) else None
+        encodes = self.reads_text or self.contrastive is not None
+        text = self.aggregator.tokenize(cls_caps) if encodes and any(cls_caps) else None
         return targets, text
 
     # ---------------------------------------------------------------- training
@@ -153,7 +177,20 @@ class PathM3(nn.Module):
         if self.captioner is not None and alpha < 1 and batch.caption_tokens is not None:
             loss_gen = self.captioner.loss(image.tokens, batch.caption_tokens)
         loss = alpha * loss_cls + (1 - alpha) * loss_gen
-        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits)
+        if self.contrastive is None:
+            return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits)
+        loss_con = self._contrastive_loss(image.tokens, batch.text)
+        loss = loss + self.contrastive.cfg.weight * loss_con
+        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, loss_con.detach())
+
+    def _contrastive_loss(self, tokens: torch.Tensor, text: TextBatch | None) -> torch.Tensor:
+        """Image-text contrastive loss over the slides with a caption (0 with fewer than two)."""
+        keep = text.mask.any(1) if text is not None else torch.zeros(0, dtype=torch.bool)
+        if int(keep.sum()) < 2:
+            return sum(p.sum() for p in self.contrastive.parameters()) * 0.0  # keeps the graph connected
+        slides = self.contrastive.slide(tokens[keep])  # (b, E)
+        texts = self.contrastive.text(self.aggregator.encode_text(TextBatch(text.ids[keep], text.mask[keep])))
+        return self.contrastive.loss(slides, texts)
 
     def _classify(self, out: AggregatorOutput, targets: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -194,8 +231,14 @@ class PathM3(nn.Module):
         captions = None
         if generate and self.captioner is not None:
             captions = self.captioner.generate(image.tokens, **generation)
+        slide_emb = caption_emb = None
+        if self.contrastive is not None:
+            slide_emb = self.contrastive.slide(image.tokens)  # (B, E)
+            if (texts or {}).get("text") is not None:
+                caption_emb = self.contrastive.text(self.aggregator.encode_text(texts["text"]))
+                caption_emb = caption_emb * texts["text"].mask.any(1, keepdim=True)  # (B, E)
         return Inference(logits, self.head.probabilities(logits), text_probs, captions, image.scores,
-                         image.query_scores)
+                         image.query_scores, image.tokens.mean(1), slide_emb, caption_emb)
 
     def class_contributions(self, features: torch.Tensor, mask: torch.Tensor, class_index: int) -> torch.Tensor:
         """(B, M) each patch's contribution to one class's logit: gradient x input at the
@@ -220,7 +263,9 @@ class PathM3(nn.Module):
 
     @torch.no_grad()
     def generate_captions(self, features: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
-        """One caption per bag (``num_beams``, ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``)."""
+        """One caption per bag; keyword overrides of the captioner's generation settings: ``num_beams``,
+        ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+        ``no_repeat_ngram_size``."""
         if self.captioner is None:
             raise RuntimeError("this model has no captioner (model.captioner.type is none)")
         return self.captioner.generate(self.aggregator(self.mixer(features, mask), mask).tokens, **generation)

@@ -3,10 +3,12 @@
 Pretrained parts load from local Hugging Face folders named in the config (nothing is
 downloaded); each part reads its own (see :mod:`pathm3.parts.qformer` and :mod:`pathm3.parts.t5`).
 
-Our checkpoints are one safetensors file holding the trained weights (never a frozen pretrained
-part, which is read from its folder again) and, in its metadata, the resolved config, the class
-names and any tokenizer built from captions. Loading reads tensors and JSON only; nothing is
-unpickled. Checkpoints of the first release (``pathm3-checkpoint-1``) are converted on load.
+Our checkpoints are one safetensors file holding what was trained (:meth:`PathM3.checkpoint_state_dict`:
+never the frozen weights of a pretrained language model, nor LoRA's base, which are read from
+their folder again) and, in its metadata, the resolved config, the class names and any tokenizer
+built from captions. Loading reads tensors and JSON only; nothing is unpickled. Checkpoints of the
+first release (``pathm3-checkpoint-1``) and configs with the captioner's ``freeze`` are converted
+on load.
 """
 
 from __future__ import annotations
@@ -30,22 +32,25 @@ from pathm3.weights import load_into
 
 CHECKPOINT_FORMAT = "pathm3-checkpoint-2"
 TOKENIZER_HINTS = {"aggregator": "bert-base-uncased (its tokenizer files)",
-                   "captioner": "google/flan-t5-xl (or use the BLIP-2 FlanT5 folder)"}
+                   "t5": "google/flan-t5-xl (or use the BLIP-2 FlanT5 folder)",
+                   "causal_lm": "the causal language model's tokenizer files (tokenizer.json, tokenizer_config.json)"}
 
 
 def resolve_tokenizers(cfg: Config, fallback=None):
     """(text_tokenizer, caption_tokenizer) from the local folders the config names, else ``fallback``
     (a word tokenizer built from the training captions). None where no part needs one."""
     m = cfg.model
-    needs_text = m.aggregator.type == "qformer" and m.aggregator.text_input != "never"
+    needs_text = m.aggregator.type == "qformer" and (m.aggregator.text_input != "never"
+                                                     or cfg.train.contrastive.weight > 0)
     out = []
     for section, needed in (("aggregator", needs_text), ("captioner", m.captioner.type != "none")):
         part = getattr(m, section)
         folder = getattr(part, "tokenizer", None) or (getattr(part, "pretrained", None) if section == "captioner" else None)
-        tok = load_tokenizer(folder, section, TOKENIZER_HINTS[section]) if (needed and folder) else fallback
+        hint = TOKENIZER_HINTS[section if section == "aggregator" else part.type] if needed else ""
+        tok = load_tokenizer(folder, section, hint) if (needed and folder) else fallback
         if needed and tok is None:
             raise MissingWeightsError(f"no tokenizer for model.{section}: set model.{section}.tokenizer "
-                                      f"(a folder with {TOKENIZER_HINTS[section]})")
+                                      f"(a folder with {hint})")
         out.append(tok if needed else None)
     return tuple(out)
 
@@ -61,7 +66,8 @@ def needs_built_tokenizer(cfg: Config) -> bool:
 
 def build_model(cfg: Config, fallback_tokenizer=None, load_weights: bool = True) -> PathM3:
     """Build the model of a config, loading every pretrained part from its local folder."""
-    model = PathM3(cfg.model, len(cfg.data.classes), cfg.head_type)  # a missing weights folder fails here
+    model = PathM3(cfg.model, len(cfg.data.classes), cfg.head_type,  # a missing weights folder fails here
+                   contrastive=cfg.train.contrastive)
     model.set_tokenizers(*resolve_tokenizers(cfg, fallback_tokenizer))
     if load_weights:
         model.load_pretrained()
@@ -74,16 +80,15 @@ def build_model(cfg: Config, fallback_tokenizer=None, load_weights: bool = True)
 
 def save_checkpoint(model: PathM3, path: str | os.PathLike, config: Config, classes: list[str] | None = None,
                     tokenizer=None, provenance: dict | None = None) -> Path:
-    """Save the trained weights (not frozen pretrained parts) and the config, as safetensors, atomically.
+    """Save what was trained (:meth:`PathM3.checkpoint_state_dict`) and the config, as safetensors, atomically.
     ``tokenizer``: the word tokenizer built from captions, when the run built one; ``provenance``:
     how the training bags were extracted (:mod:`pathm3.provenance`)."""
     path = Path(path)
-    skip = tuple(model.frozen_pretrained_prefixes())
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for k, v in model.state_dict().items():
-        if (skip and k.startswith(skip)) or v.data_ptr() in seen:
-            continue  # frozen parts come from their folder; tied weights are stored once
+    for k, v in model.checkpoint_state_dict().items():
+        if v.data_ptr() in seen:
+            continue  # tied weights are stored once
         seen.add(v.data_ptr())
         tensors[k] = v.detach().cpu().contiguous()
     meta = {"format": CHECKPOINT_FORMAT, "config": json.dumps(config_to_dict(config)),
@@ -129,14 +134,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         tensors, raw = legacy.upgrade_tensors(tensors), legacy.upgrade_config(raw)
         if "qformer_tokenizer" in meta:
             meta["tokenizer"] = meta.pop("qformer_tokenizer")
-        meta["config"] = json.dumps(raw)
+    meta["config"] = json.dumps(legacy.upgrade_finetune(raw))
     return tensors, meta
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                     ) -> tuple[PathM3, Config, list[str]]:
     """Load a checkpoint written by :func:`save_checkpoint`: (model in eval mode on ``map_location``,
-    config, classes)."""
+    config, classes). Weights the checkpoint leaves out (a frozen language model, LoRA's base) are
+    read from the folders the config names; a missing folder is an error naming it."""
     tensors, meta = read_checkpoint(path)
     classes = json.loads(meta["classes"])
     try:
@@ -146,9 +152,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if len(classes) != len(config.data.classes) and config.data.classes:
         raise DataError(f"{path}: damaged checkpoint ({len(classes)} class names for a {len(config.data.classes)}-class config)")
     tokenizer = _tokenizer(meta, path)
-    frozen = config.model.captioner.type != "none" and getattr(config.model.captioner, "freeze", False) \
-        and getattr(config.model.captioner, "pretrained", None)
-    model = build_model(config, tokenizer, load_weights=bool(frozen))
+    model = build_model(config, tokenizer, load_weights=False)
+    model.load_pretrained(only_missing=True)
     load_trainable_state(model, tensors, str(path))
     return model.to(map_location).eval(), config, classes
 
@@ -174,13 +179,14 @@ def checkpoint_provenance(path: str | os.PathLike) -> dict | None:
 
 
 def load_trainable_state(model: PathM3, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Load a checkpoint's tensors; anything but frozen pretrained parts missing or extra is an error."""
+    """Load a checkpoint's tensors; a missing key is an error unless the checkpoint leaves it out by
+    design (:meth:`PathM3.unstored_keys`) or it is tied to a stored one; an extra key is an error."""
     own = model.state_dict()
     for k, v in tensors.items():
         if k in own and own[k].shape != v.shape:
             raise DataError(f"{where}: {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}; "
                             "this checkpoint was trained with another config")
-    allow = [f"^{re.escape(p)}" for p in model.frozen_pretrained_prefixes()]
+    allow = [f"^{re.escape(k)}$" for k in model.unstored_keys()]
     by_storage: dict[int, list[str]] = {}
     for k, v in own.items():
         by_storage.setdefault(v.data_ptr(), []).append(k)

@@ -101,3 +101,23 @@ def strip_class_words(text: str, classes: Sequence[str] = ()) -> str:
     text = re.sub(r"([,;])\s*(?=[,.;])", "", text)
     text = re.sub(r"\.(\s*\.)+", ".", text)
     return clean_caption(text)
+
+
+def class_phrases(classes: Sequence[str], phrases: dict[str, Sequence[str]] | None = None) -> dict[str, list[str]]:
+    """The words captions use for each class: ``data.class_phrases`` where given, else the class
+    name itself (underscores read as spaces)."""
+    phrases = phrases or {}
+    return {c: list(phrases.get(c) or [c.replace("_", " ")]) for c in classes}
+
+
+def named_classes(caption: str, phrases: dict[str, Sequence[str]]) -> set[str]:
+    """The classes a caption names: longest phrases first, each stretch of text read once (so
+    "tubular adenocarcinoma" is not also "adenocarcinoma")."""
+    text, found = f" {clean_caption(caption).lower()} ", set()
+    by_length = sorted(((p.lower(), c) for c, ps in phrases.items() for p in ps), key=lambda pc: -len(pc[0]))
+    for phrase, cls in by_length:
+        pattern = rf"(?<![\w]){re.escape(phrase)}(?![\w])"
+        if re.search(pattern, text):
+            found.add(cls)
+            text = re.sub(pattern, " | ", text)
+    return found

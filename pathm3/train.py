@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pathm3.config import Config, apply_overrides, load_config, save_config
+from pathm3 import legacy
+from pathm3.config import Config, apply_overrides, config_from_dict, read_yaml, save_config
 from pathm3.data import BagCollator, BagDataset, check_bags, limit_patches
 from pathm3.errors import DataError, UsageError
-from pathm3.evaluate import evaluate, predict, thresholds_of, write_json, write_predictions
+from pathm3.evaluate import evaluate, predict, thresholds_of, training_slides, write_json, write_predictions
 from pathm3.files import check_writable, write_csv, write_text
 from pathm3.manifest import Slide, read_manifest
 from pathm3.metrics import tune_thresholds
@@ -85,8 +86,8 @@ class PathM3Module(L.LightningModule):
     def __init__(self, model: PathM3, cfg: Config):
         super().__init__()
         self.model, self.cfg = model, cfg
-        self.frozen = tuple(f"model.{p}" for p in model.frozen_pretrained_prefixes())
-        self.strict_loading = not self.frozen  # frozen pretrained parts are never in a checkpoint
+        self.unstored = {f"model.{k}" for k in model.unstored_keys()}  # weights read from folders again
+        self.strict_loading = not self.unstored
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
@@ -104,6 +105,8 @@ class PathM3Module(L.LightningModule):
         self.log("train/loss", out.loss, batch_size=b, prog_bar=True)
         self.log("train/loss_cls", out.loss_cls, batch_size=b)
         self.log("train/loss_gen", out.loss_gen, batch_size=b)
+        if out.loss_contrastive is not None:
+            self.log("train/loss_contrastive", out.loss_contrastive, batch_size=b)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         return out.loss
 
@@ -142,9 +145,8 @@ class PathM3Module(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.frozen:
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if not k.startswith(self.frozen)}
+        if self.unstored:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in self.unstored}
 
 
 class ExportCheckpoints(L.Callback):
@@ -278,7 +280,7 @@ def evaluate_run(out: Path, split: str = "test", progress: bool = True) -> dict[
         cfg = _tune_and_store_thresholds(model, cfg, classes, ckpt, progress)
     slides = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=[split],
                            multilabel=cfg.data.multilabel)
-    metrics, preds = evaluate(model, cfg, classes, slides, progress=progress)
+    metrics, preds = evaluate(model, cfg, classes, slides, progress=progress, reference=training_slides(cfg, classes))
     metrics["checkpoint"] = str(ckpt)
     write_json(metrics, out / "metrics.json")
     write_predictions(preds, classes, out / "predictions.csv", model.multilabel, thresholds_of(cfg, classes))
@@ -369,7 +371,8 @@ def resume_run(folder: str | Path, progress: bool = True) -> Path | None:
     cfg_path = folder / "config.yaml"
     if not cfg_path.is_file():
         raise UsageError(f"{folder}: not a run folder (no config.yaml); pass train.output_dir/<name>/seed<k>")
-    cfg = load_config(cfg_path)
+    # Run folders of release 0.2.0 say model.captioner.freeze: read them as today's config.
+    cfg = config_from_dict(legacy.upgrade_finetune(read_yaml(cfg_path)), str(cfg_path))
     if run_dir(cfg, cfg.train.seed).resolve() != folder.resolve():
         cfg = apply_overrides(cfg, [f"train.output_dir={folder.parent.parent}", f"train.name={folder.parent.name}"])
     return train_one(cfg, cfg.train.seed, resume=True, progress=progress)

@@ -29,14 +29,14 @@ def test_patchgastric_config_has_paper_table6_values():
     assert cfg.model.feature_dim == 1408 and cfg.model.mixer.type == "nystrom" and cfg.model.mixer.hidden_dim == 1408
     q = cfg.model.aggregator
     assert q.type == "qformer" and (q.num_queries, q.hidden_size, q.num_layers) == (32, 768, 12)
-    assert cfg.model.captioner.freeze is True
+    assert cfg.model.captioner.finetune == "frozen"
     assert len(cfg.data.classes) == 3
 
 
 def test_demo_config_is_small_and_trains_its_random_captioner():
     cfg = load_config(REPO / "configs" / "demo.yaml")
     assert cfg.model.aggregator.pretrained is None and cfg.model.captioner.pretrained is None
-    assert cfg.model.captioner.freeze is False
+    assert cfg.model.captioner.finetune == "full"
     assert cfg.model.aggregator.hidden_size <= 128 and cfg.model.captioner.d_model <= 128
 
 
@@ -59,7 +59,9 @@ def test_unknown_section_lists_known_keys(tmp_path):
         ("train:\n  max_epochs: three\n", "train.max_epochs must be int, got 'three'"),
         ("train:\n  max_epochs: 2.5\n", "train.max_epochs must be int, got 2.5"),
         ("train:\n  seed: true\n", "train.seed must be int, got True"),
-        ("model:\n  captioner:\n    freeze: 1\n", "model.captioner.freeze must be bool, got 1"),
+        ("model:\n  captioner:\n    finetune: partial\n",
+         "model.captioner.finetune must be 'frozen' | 'lora' | 'full', got 'partial'"),
+        ("model:\n  captioner:\n    freeze: true\n", "model.captioner.freeze is now model.captioner.finetune (frozen, lora"),
         ("model:\n  aggregator:\n    text_input: sometimes\n",
          "model.aggregator.text_input must be 'always' | 'never' | 'dropout', got 'sometimes'"),
         ("model:\n  mixer:\n    type: transformer\n", "model.mixer.type must be one of 'nystrom', 'none', got 'transformer'"),

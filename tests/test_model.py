@@ -110,7 +110,7 @@ def test_text_dropout_drops_in_training_and_keeps_at_inference():
 
 
 def test_frozen_captioner_gets_no_gradients_and_optimizer_skips_it():
-    model, cfg = tiny("model.captioner.freeze=true")
+    model, cfg = tiny("model.captioner.finetune=frozen")
     model.train()
     t5 = model.captioner.t5
     assert not t5.training  # frozen parts stay in eval mode
@@ -193,7 +193,7 @@ def test_patch_scores_are_attention_distributions():
 
 
 def test_checkpoint_round_trip_is_identical(tmp_path):
-    model, cfg = tiny("model.captioner.freeze=false")
+    model, cfg = tiny("model.captioner.finetune=full")
     randomise_correlation(model)
     model.eval()
     path = save_checkpoint(model, tmp_path / "model.safetensors", cfg, ["benign", "tumour"], model.captioner.tokenizer)
@@ -273,7 +273,7 @@ def test_tiny_blip2_folders_load_through_the_real_code_path(tiny_blip2):
         "model.feature_dim=24", "model.mixer.hidden_dim=48", "model.aggregator.num_queries=4",
         f"model.aggregator.pretrained={root / 'blip2-flan-t5'}", f"model.aggregator.text_pretrained={root / 'blip2-itm'}",
         f"model.aggregator.tokenizer={root / 'bert'}", f"model.captioner.pretrained={root / 'blip2-flan-t5'}",
-        "model.captioner.freeze=true", classes=("a", "b", "c"))
+        "model.captioner.finetune=frozen", classes=("a", "b", "c"))
     model = build_model(cfg)
     agg, cap = model.aggregator, model.captioner
     g, i = gen.state_dict(), itm.state_dict()

@@ -56,7 +56,10 @@ def test_train_writes_the_run_layout_and_eval_writes_every_key(trained_run, tmp_
     for mode in ("image_only", "image_text"):
         assert set(m["classification"][mode]) == {"accuracy", "balanced_accuracy", "macro_f1", "auroc", "confusion_matrix"}
         assert np.array(m["classification"][mode]["confusion_matrix"]).sum() == 8
-    assert set(m["captioning"]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "spice_note"}
+    caption_keys = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "spice_note"}
+    assert set(m["captioning"]) == caption_keys | {"class_agreement"}
+    assert set(m["captioning_retrieval"]) == caption_keys  # the nearest training caption, scored the same way
+    assert m["retrieval"] is None  # trained without train.contrastive
     with open(out.parent / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {"slide_id", "label", "pred_image_only", "pred_image_text", "prob_benign",

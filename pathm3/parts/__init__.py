@@ -11,6 +11,7 @@ from typing import Annotated, Any, Union
 from pydantic import Field
 
 from pathm3.parts.abmil import ABMIL
+from pathm3.parts.causal_lm import CausalLMCaptioner
 from pathm3.parts.clam import CLAMSB
 from pathm3.parts.dsmil import DSMIL
 from pathm3.parts.heads import MultiLabelHead, SingleLabelHead
@@ -40,6 +41,7 @@ HEADS = {
 }
 CAPTIONERS = {
     "t5": T5Captioner,
+    "causal_lm": CausalLMCaptioner,
     "none": None,  # no captioner
 }
 CAPTIONER_CONFIGS = {"none": NoCaptionerConfig}

@@ -130,6 +130,17 @@ class QFormerAggregator(Aggregator):
             mask = mask.masked_fill(drop[:, None], 0)
         return TextBatch(text.ids, mask) if mask.any() else None
 
+    def encode_text(self, text: TextBatch) -> torch.Tensor:
+        """(B, Q) the caption alone through the Q-Former's text transformer (no queries, no
+        patches), mean over its tokens: the text side of ``train.contrastive`` (BLIP-2's ITC)."""
+        hidden = self.text_embeddings(input_ids=text.ids)  # (B, T, Q)
+        mask = text.mask.clamp(max=1)  # rows without a caption are all 0
+        seen = mask.clone()
+        seen[:, 0] = 1  # attention needs one visible token per row; such rows are never used
+        out = self.qformer(query_embeds=hidden, query_length=0, attention_mask=seen).last_hidden_state
+        weights = mask[..., None].to(out.dtype)  # (B, T, 1)
+        return (out * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, Q)
+
     # ---------------------------------------------------------------- forward
 
     def forward(self, x, mask, targets=None, text: TextBatch | None = None) -> AggregatorOutput:
