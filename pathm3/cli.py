@@ -285,16 +285,21 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top-k", type=number(int, 1), default=5, help="patches in the montage (default 5)")
     p.add_argument("--per-query", action="store_true", help="also write one score column per query in the CSV "
                    "(aggregators with several tokens: the Q-Former)")
+    p.add_argument("--method", default=None, metavar="NAME",
+                   help="how patches are scored (the CSV's score column): attention (the aggregator's own), "
+                   "gradient_x_input, class_attention, attention_x_gradient, feature_gradient_x_input, "
+                   "integrated_gradients or occlusion; class-specific methods explain the predicted class or "
+                   "--class (default: the most faithful on the known-truth benchmark, see README)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
-                   help="explain one class (e.g. one finding of a multi-label model): score each patch by its "
-                   "contribution to that class's logit (gradient x input) instead of the aggregator's attention")
+                   help="explain one class (e.g. one finding of a multi-label model) with a class-specific "
+                   "--method (default gradient_x_input when the default method is attention)")
     _foreign_flag(p)
     add_runtime_args(p, workers=False)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.bags import read_bag
     from pathm3.evaluate import thresholds_of
-    from pathm3.heatmap import check_slide, export
+    from pathm3.heatmap import check_slide, export, resolve_method
 
     if args.slide and len(args.slide) != len(args.bag):
         raise UsageError(f"--slide got {len(args.slide)} file(s) for {len(args.bag)} bag(s); give one per bag")
@@ -302,6 +307,7 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     model, cfg, classes = _load(ckpt, args)
     if args.class_name is not None and args.class_name not in classes:
         raise UsageError(f"--class {args.class_name}: not a class of this model ({', '.join(classes)})")
+    method = resolve_method(args.method, args.class_name)
     for bag in args.bag:  # every input is checked before anything is written
         if not Path(bag).is_file():
             raise DataError(f"{bag}: no such bag file")
@@ -313,7 +319,7 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
         slide = args.slide[i] if args.slide else None
         written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query,
                          class_name=args.class_name, thresholds=thresholds_of(cfg, classes),
-                         precision=cfg.eval.precision)
+                         precision=cfg.eval.precision, method=method)
         for kind, path in written.items():
             print(f"{kind:8s} {path}")
     return 0

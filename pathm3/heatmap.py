@@ -4,10 +4,10 @@ For one bag: ``<slide_id>_scores.csv`` (x, y, score, rank per patch), ``<slide_i
 (the patches as level-0 squares with their score, which QuPath imports as detections) and, with
 the slide file, ``<slide_id>_heatmap.png`` (thumbnail + coloured overlay) and
 ``<slide_id>_top5.png`` (the top-k patches at the bag's magnification); for patch-folder bags
-the montage comes from the patch images. Scores are the aggregator's own per-patch scores (the
-Q-Former's cross-attention, ABMIL's attention, ...; never an M x M matrix) or, for one class
-(``class_name``, e.g. a finding of a multi-label model), each patch's contribution to that
-class's logit (:meth:`PathM3.class_contributions`, gradient x input).
+the montage comes from the patch images. Scores come from a method of :mod:`pathm3.explain`:
+the aggregator's own per-patch scores (``attention``: the Q-Former's cross-attention, ABMIL's
+attention, ...) or a class-specific one that explains the predicted class or ``class_name``
+(e.g. one finding of a multi-label model); never an M x M matrix.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from pathm3.bags import Bag, read_bag, read_patch_names
 from pathm3.data import check_feature_width
-from pathm3.errors import DataError
+from pathm3.errors import DataError, UsageError
 from pathm3.files import atomic_output, write_csv, write_text
 from pathm3.model import PathM3
 from pathm3.runtime import autocast, to_numpy
@@ -40,7 +40,7 @@ class BagExplanation:
     predicted: str  # class name (multi-label: the ;-joined findings at the model's thresholds)
     probabilities: np.ndarray  # (C,)
     caption: str | None
-    method: str = "attention"  # or "contribution to <class>"
+    method: str = "attention"  # the scoring method (pathm3.explain), "... for <class>" with a class
 
     @property
     def ranks(self) -> np.ndarray:
@@ -51,13 +51,37 @@ class BagExplanation:
         return ranks
 
 
+# The method pathm3-heatmap uses unless --method says otherwise: the most faithful one on the
+# known-truth cohorts (benchmarks/known_truth.py; README "Benchmarks").
+DEFAULT_METHOD = "integrated_gradients"
+
+
+def resolve_method(method: str | None, class_name: str | None) -> str:
+    """The scoring method of a heatmap: ``method``, else the default; with ``--class`` a
+    class-agnostic default gives way to ``gradient_x_input`` (a class needs class-specific scores)."""
+    from pathm3.explain import CLASS_AGNOSTIC, METHODS
+
+    if method is None:
+        method = DEFAULT_METHOD if class_name is None or DEFAULT_METHOD not in CLASS_AGNOSTIC else "gradient_x_input"
+    if method not in METHODS:
+        raise UsageError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if class_name is not None and method in CLASS_AGNOSTIC:
+        raise UsageError(f"--method {method} scores patches for no class in particular; with --class use one of "
+                         f"{', '.join(m for m in METHODS if m not in CLASS_AGNOSTIC)}")
+    return method
+
+
 @torch.no_grad()
 def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, per_query: bool = False,
             caption: bool = True, class_name: str | None = None, thresholds: np.ndarray | None = None,
-            precision: str = "fp32") -> BagExplanation:
-    """Patch scores, predicted class(es) and generated caption for one bag (on the model's device)."""
+            precision: str = "fp32", method: str | None = None) -> BagExplanation:
+    """Patch scores (``method``, see :mod:`pathm3.explain`; class-specific ones explain
+    ``class_name``, else the predicted class), predicted class(es) and generated caption for one
+    bag, on the model's device."""
     from pathm3.evaluate import decide
+    from pathm3.explain import patch_scores
 
+    method = resolve_method(method, class_name)
     model.eval()
     check_feature_width([bag_path], model.cfg.feature_dim)
     bag = read_bag(bag_path, dtype="float32")
@@ -66,16 +90,16 @@ def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, 
     mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
     with autocast(device, precision):
         out = model.infer(feats, mask, generate=caption)
-        scores, method = to_numpy(out.scores[0]), "attention"  # (M,)
-        if class_name is not None:
-            scores = to_numpy(model.class_contributions(feats, mask, list(classes).index(class_name))[0])
-            method = f"contribution to {class_name}"
+        target = None if class_name is None else list(classes).index(class_name)
+        scores = out.scores if method == "attention" else patch_scores(model, feats, mask, method, target)
     per = to_numpy(out.query_scores[0]) if (per_query and out.query_scores is not None) else None
     probs = to_numpy(out.probabilities[0])
     chosen = decide(probs, model.multilabel, thresholds)
     predicted = ";".join(c for c, on in zip(classes, chosen) if on) or "none" if model.multilabel \
         else classes[int(chosen)]
-    return BagExplanation(bag, scores, per, predicted, probs, out.captions[0] if out.captions else None, method)
+    label = method if class_name is None else f"{method} for {class_name}"
+    return BagExplanation(bag, to_numpy(scores[0]), per, predicted, probs,
+                          out.captions[0] if out.captions else None, label)
 
 
 def write_scores_csv(ex: BagExplanation, path: Path) -> Path:
@@ -92,7 +116,7 @@ def write_geojson(ex: BagExplanation, path: Path) -> Path:
     """A FeatureCollection of level-0 squares; QuPath: File > Import objects from file."""
     size = int(ex.bag.attrs.get("patch_size_level0") or ex.bag.attrs.get("patch_size") or 224)
     ranks = ex.ranks
-    measure = "PathM3 attention" if ex.method == "attention" else "PathM3 contribution"
+    measure = f"PathM3 {ex.method.split(' for ')[0].replace('_', ' ')}"
     features = []
     for i, (x, y) in enumerate(ex.bag.coords.tolist()):
         square = [[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]
@@ -214,14 +238,14 @@ def check_slide(slide_path: str | os.PathLike) -> None:
 
 def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, out_dir: str | os.PathLike,
            slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False,
-           class_name: str | None = None, thresholds: np.ndarray | None = None, precision: str = "fp32"
-           ) -> dict[str, Path]:
+           class_name: str | None = None, thresholds: np.ndarray | None = None, precision: str = "fp32",
+           method: str | None = None) -> dict[str, Path]:
     """Write every output for one bag; returns {kind: path}. The slide is opened first, so a slide
     that cannot be read leaves nothing written."""
     if slide_path is not None:
         check_slide(slide_path)
     ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds,
-                 precision=precision)
+                 precision=precision, method=method)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sid = ex.bag.slide_id

@@ -240,15 +240,6 @@ class PathM3(nn.Module):
         return Inference(logits, self.head.probabilities(logits), text_probs, captions, image.scores,
                          image.query_scores, image.tokens.mean(1), slide_emb, caption_emb)
 
-    def class_contributions(self, features: torch.Tensor, mask: torch.Tensor, class_index: int) -> torch.Tensor:
-        """(B, M) each patch's contribution to one class's logit: gradient x input at the
-        aggregator's input (the mixer output), summed over the width; 0 at padding."""
-        with torch.enable_grad():
-            x = self.mixer(features, mask).detach().requires_grad_(True)  # (B, M, H)
-            logits, _ = self._classify(self.aggregator(x, mask))
-            (grad,) = torch.autograd.grad(logits[:, class_index].sum(), x)
-        return (grad * x).sum(-1).masked_fill(~mask, 0.0).detach()
-
     # Convenience wrappers (they tokenize; forwards take tensors).
 
     def classify(self, features: torch.Tensor, mask: torch.Tensor,

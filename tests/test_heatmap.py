@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from feature_extraction.cli import main as extract_main
-from pathm3.bags import index_grid, write_bag
+from pathm3.bags import index_grid, read_bag, write_bag
 from pathm3.cli import heatmap_main
 from pathm3.config import load_config
 from pathm3.errors import run_cli
@@ -43,7 +43,7 @@ def test_real_slide_heatmap_outputs(slides_dir, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "m.safetensors")
     out = tmp_path / "heat"
     assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(bag), "--slide", str(slide),
-                                  "--output", str(out), "--per-query", "--no-progress"]) == 0
+                                  "--output", str(out), "--per-query", "--method", "attention", "--no-progress"]) == 0
     with h5py.File(bag) as f:
         coords = f["coords"][()]
     with open(out / "cmu-1-small-region_scores.csv") as fh:
@@ -162,3 +162,31 @@ def test_demo_end_to_end_finds_the_tumour_regions(tmp_path, capsys):
         k = len(row["regions"])
         top = {(int(r["x"]) // 224, int(r["y"]) // 224) for r in rows if int(r["rank"]) <= k}
         assert top == {tuple(c) for c in row["regions"]}, row["slide_id"]
+
+
+def test_every_method_writes_its_scores_and_class_specific_ones_follow_the_class(trained_run, tmp_path):
+    from pathm3.explain import METHODS, patch_scores
+    from pathm3.pretrained import load_checkpoint
+
+    ckpt = trained_run / "checkpoints" / "best.safetensors"
+    bag = next((trained_run.parents[2] / "cohort" / "bags").glob("*.h5"))
+    model, _, classes = load_checkpoint(ckpt)
+    feats = torch.from_numpy(read_bag(bag, dtype="float32").features)[None]
+    mask = torch.ones(feats.shape[:2], dtype=torch.bool)
+    for method in ("attention", "gradient_x_input", "occlusion"):
+        assert method in METHODS
+        out = tmp_path / method
+        assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(bag), "--output", str(out),
+                                      "--method", method, "--no-progress"]) == 0
+        with open(next(out.glob("*_scores.csv"))) as fh:
+            written = np.array([float(r["score"]) for r in csv.DictReader(fh)])
+        expected = patch_scores(model, feats, mask, method)[0].numpy()
+        assert np.allclose(written, expected, rtol=1e-5, atol=1e-7), method
+        props = json.loads(next(out.glob("*.geojson")).read_text())["features"][0]["properties"]["measurements"]
+        assert f"PathM3 {method.replace('_', ' ')}" in props
+    other = tmp_path / "other"  # --class: the scores explain that class, not the predicted one
+    assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(bag), "--output", str(other),
+                                  "--class", classes[1], "--method", "gradient_x_input", "--no-progress"]) == 0
+    with open(next(other.glob("*_scores.csv"))) as fh:
+        for_1 = np.array([float(r["score"]) for r in csv.DictReader(fh)])
+    assert np.allclose(for_1, patch_scores(model, feats, mask, "gradient_x_input", 1)[0].numpy(), rtol=1e-5, atol=1e-7)

@@ -1,0 +1,212 @@
+"""Per-patch heatmap scores, by several methods, for any aggregator.
+
+Every method works through the model's public parts (``model.mixer``, ``model.aggregator``,
+``model.head`` via ``model._classify``), so it explains PathM3 and every MIL baseline alike.
+``attention`` is the aggregator's own score (what ``pathm3-heatmap`` shows); the others explain
+one class, by default the predicted one, through its *log-odds* (single-label: logit_c minus the
+log-sum-exp of the other logits; multi-label: logit_c), which does not saturate as the softmax
+probability does:
+
+    attention                  AggregatorOutput.scores (class-agnostic)
+    gradient_x_input           d log-odds / d x_i . x_i at the aggregator input (the mixer output)
+    class_attention            per-token attention (a Q-Former query's, DSMIL's class row) averaged with
+                               weights max(0, d log-odds / d token . token): the tokens that carry the class
+    attention_x_gradient       attention_i * max(0, gradient_x_input_i): looked at AND evidence for the class
+    feature_gradient_x_input   d log-odds / d f_i . f_i at the bag features (through the mixer)
+    integrated_gradients       (f_i - 0) . mean_s d log-odds / d f at s/S * f  (zero baseline, S steps)
+    occlusion                  log-odds drop when a chunk of neighbouring patches leaves the bag
+
+Nothing is M x M: gradients cost one backward pass (``integrated_gradients`` S of them), occlusion
+runs the bag with chunks removed, as many copies per forward as ``patch_budget`` patches allow.
+
+    scores = patch_scores(model, features, mask, "occlusion")          # (B, M), 0 at padding
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from pathm3.errors import UsageError
+from pathm3.model import PathM3
+from pathm3.parts.base import AggregatorOutput
+
+ScoreFn = Callable[..., torch.Tensor]  # (model, features, mask, class_index (B,), **options) -> (B, M)
+METHODS: dict[str, ScoreFn] = {}
+CLASS_AGNOSTIC = ("attention",)
+
+
+def method(name: str) -> Callable[[ScoreFn], ScoreFn]:
+    """Register a scoring function under ``name`` in :data:`METHODS`."""
+    def register(fn: ScoreFn) -> ScoreFn:
+        METHODS[name] = fn
+        return fn
+    return register
+
+
+def patch_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor, method: str = "attention",
+                 class_index: int | Sequence[int] | torch.Tensor | None = None, **options) -> torch.Tensor:
+    """(B, M) per-patch scores of ``method`` for bags ``features`` (B, M, D) with ``mask`` (B, M);
+    0 at padding. Class-specific methods explain ``class_index`` (one for all bags, or one per bag;
+    None: each bag's predicted class). ``options`` go to the method (e.g. ``steps``, ``max_chunks``).
+    The model runs in eval mode and is left in the mode it was in."""
+    if method not in METHODS:
+        raise UsageError(f"unknown heatmap method {method!r}; choose from {', '.join(METHODS)}")
+    was_training = model.training
+    model.eval()
+    try:
+        target = target_classes(model, features, mask, class_index)  # (B,)
+        scores = METHODS[method](model, features, mask, target, **options)  # (B, M)
+    finally:
+        model.train(was_training)
+    return scores.float().masked_fill(~mask, 0.0).detach()
+
+
+def target_classes(model: PathM3, features: torch.Tensor, mask: torch.Tensor,
+                   class_index: int | Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    """(B,) long: the class each bag is explained for (the predicted one when ``class_index`` is None)."""
+    b = features.shape[0]
+    if class_index is None:
+        with torch.no_grad():
+            return logits_of(model, features, mask).argmax(-1)
+    idx = torch.as_tensor(class_index, dtype=torch.long, device=features.device).reshape(-1)
+    if not ((idx >= 0) & (idx < model.num_classes)).all():
+        raise UsageError(f"class_index {class_index} out of range for {model.num_classes} classes")
+    return idx.expand(b) if idx.numel() == 1 else idx
+
+
+def logits_of(model: PathM3, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C) image-only logits: mixer -> aggregator -> head."""
+    return model._classify(model.aggregator(model.mixer(features, mask), mask))[0]
+
+
+def log_odds(model: PathM3, out: AggregatorOutput, target: torch.Tensor) -> torch.Tensor:
+    """(B,) the log-odds of each bag's target class from an aggregator output."""
+    logits = model._classify(out)[0].float()  # (B, C)
+    chosen = logits.gather(1, target[:, None])[:, 0]  # (B,)
+    if model.multilabel or logits.shape[1] == 1:
+        return chosen
+    others = logits.scatter(1, target[:, None], float("-inf"))  # (B, C) the target left out
+    return chosen - others.logsumexp(1)
+
+
+def input_gradient(model: PathM3, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+                   through_mixer: bool) -> torch.Tensor:
+    """(B, M, W) d log-odds / d x, with x the bag features (``through_mixer``) or the mixer output."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        mixed = model.mixer(x, mask) if through_mixer else x  # (B, M, H)
+        score = log_odds(model, model.aggregator(mixed, mask), target).sum()
+        (grad,) = torch.autograd.grad(score, x)
+    return grad
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+
+
+@method("attention")
+@torch.no_grad()
+def attention(model: PathM3, features, mask, target) -> torch.Tensor:
+    """The aggregator's own per-patch scores (e.g. attention); class-agnostic."""
+    return model.aggregator(model.mixer(features, mask), mask).scores  # (B, M)
+
+
+@method("gradient_x_input")
+def gradient_x_input(model: PathM3, features, mask, target) -> torch.Tensor:
+    """Gradient x input at the aggregator's input (the mixer output), summed over the width."""
+    with torch.no_grad():
+        x = model.mixer(features, mask)  # (B, M, H)
+    return (input_gradient(model, x, mask, target, through_mixer=False) * x).sum(-1)
+
+
+@method("class_attention")
+def class_attention(model: PathM3, features, mask, target) -> torch.Tensor:
+    """Attention of the tokens that carry the class: each token's own attention map (Q-Former:
+    per query; DSMIL: the target class's row; else the one map) weighted by the token's positive
+    contribution to the class log-odds (gradient x input at the token)."""
+    with torch.no_grad():
+        out = model.aggregator(model.mixer(features, mask), mask)
+    with torch.enable_grad():
+        tokens = out.tokens.detach().requires_grad_(True)  # (B, K, Q)
+        score = log_odds(model, dataclasses.replace(out, tokens=tokens), target).sum()
+        (grad,) = torch.autograd.grad(score, tokens)
+    weight = (grad * tokens).sum(-1).clamp(min=0)  # (B, K)
+    weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
+    if out.query_scores is not None:
+        maps = out.query_scores  # (B, K, M)
+    elif out.class_scores is not None:
+        maps = out.class_scores.gather(1, target[:, None, None].expand(-1, 1, mask.shape[1]))  # (B, 1, M)
+    else:
+        maps = out.scores[:, None]  # (B, 1, M)
+    return (weight[..., None] * maps).sum(1) / weight.sum(1, keepdim=True)
+
+
+@method("attention_x_gradient")
+def attention_x_gradient(model: PathM3, features, mask, target) -> torch.Tensor:
+    """Attention weighted by the positive part of the patch's class evidence (gradient x input at
+    the aggregator input): high where the model looked and found evidence for the class."""
+    with torch.no_grad():
+        x = model.mixer(features, mask)  # (B, M, H)
+        scores = model.aggregator(x, mask).scores  # (B, M)
+    evidence = (input_gradient(model, x, mask, target, through_mixer=False) * x).sum(-1)  # (B, M)
+    return scores * evidence.clamp(min=0)
+
+
+@method("feature_gradient_x_input")
+def feature_gradient_x_input(model: PathM3, features, mask, target) -> torch.Tensor:
+    """Gradient x input at the bag features: through the mixer (PathM3's correlation module)."""
+    return (input_gradient(model, features, mask, target, through_mixer=True) * features).sum(-1)
+
+
+@method("integrated_gradients")
+def integrated_gradients(model: PathM3, features, mask, target, steps: int = 16) -> torch.Tensor:
+    """Integrated gradients at the bag features from the bag's mean patch as baseline (every patch
+    alike: no patch is evidence), midpoint rule with ``steps`` points; sums to ~ log-odds(f) -
+    log-odds(baseline) per bag. A zero baseline only means "nothing" for centred features; real
+    encoders' features are not centred."""
+    weights = mask[..., None].to(features.dtype)  # (B, M, 1)
+    base = (features * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp(min=1)  # (B, 1, D)
+    delta = features - base  # (B, M, D)
+    total = torch.zeros_like(features)
+    for s in range(steps):
+        alpha = (s + 0.5) / steps
+        total += input_gradient(model, base + alpha * delta, mask, target, through_mixer=True)
+    return (delta * total / steps).sum(-1)
+
+
+@method("occlusion")
+@torch.no_grad()
+def occlusion(model: PathM3, features, mask, target, max_chunks: int = 512,
+              patch_budget: int = 65_536) -> torch.Tensor:
+    """Drop in log-odds when a chunk of consecutive patches (neighbours on the extraction grid) is
+    removed from the bag; every patch of a chunk gets the chunk's drop. Chunks hold
+    ceil(M / max_chunks) patches, so a bag of <= ``max_chunks`` patches is left-one-out exactly."""
+    out = torch.zeros(mask.shape, device=features.device)  # (B, M)
+    for b in range(features.shape[0]):
+        n = int(mask[b].sum())
+        if n > 1:
+            out[b, mask[b]] = occlude_bag(model, features[b, mask[b]], target[b], max_chunks, patch_budget)
+    return out
+
+
+def occlude_bag(model: PathM3, feats: torch.Tensor, target: torch.Tensor, max_chunks: int,
+                patch_budget: int) -> torch.Tensor:
+    """(n,) occlusion scores of one bag's real patches ``feats`` (n, D)."""
+    n = feats.shape[0]
+    size = max(1, math.ceil(n / max(2, max_chunks)))
+    starts = torch.arange(0, n, size, device=feats.device)  # (S,) first patch of each chunk
+    chunk_of = torch.arange(n, device=feats.device) // size  # (n,)
+    full = torch.ones(1, n, dtype=torch.bool, device=feats.device)
+    base = log_odds(model, model.aggregator(model.mixer(feats[None], full), full), target[None])  # (1,)
+    copies = max(1, patch_budget // n)
+    drops = []
+    for group in starts.split(copies):
+        keep = chunk_of[None, :] != (group[:, None] // size)  # (G, n) one chunk removed per copy
+        x = feats[None].expand(len(group), -1, -1)  # (G, n, D)
+        out = model.aggregator(model.mixer(x, keep), keep)
+        drops.append(base - log_odds(model, out, target.expand(len(group))))  # (G,)
+    return torch.cat(drops)[chunk_of]  # (n,)
