@@ -83,15 +83,18 @@ def test_class_choice():
 
 
 def test_integrated_gradients_are_complete():
-    """They sum to the log-odds at the bag minus the log-odds at the zero baseline."""
+    """They sum to the log-odds at the bag minus the log-odds at the baseline (each patch replaced
+    by the bag's mean patch)."""
     from pathm3.explain import log_odds
 
     model = tiny_model("abmil").eval()
     feats, mask = padded_batch()
     target = torch.zeros(3, dtype=torch.long)
     ig = patch_scores(model, feats, mask, "integrated_gradients", class_index=0, steps=64).sum(1)
+    w = mask[..., None].float()
+    base = ((feats * w).sum(1, keepdim=True) / w.sum(1, keepdim=True)).expand_as(feats)  # (B, M, D)
     with torch.no_grad():
-        gap = [log_odds(model, model.aggregator(model.mixer(x, mask), mask), target) for x in (feats, 0 * feats)]
+        gap = [log_odds(model, model.aggregator(model.mixer(x, mask), mask), target) for x in (feats, base)]
     torch.testing.assert_close(ig, gap[0] - gap[1], atol=0.02, rtol=0.02)
 
 
