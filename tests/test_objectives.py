@@ -51,7 +51,7 @@ def _config(root, *overrides):
                        "train.contrastive.weight=1.0", *overrides, classes=CLASSES)
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss", ["clip"])  # siglip's loss and initial values: the next test
 def test_contrastive_training_retrieves_the_right_caption(four_captions, loss):
     cfg = _config(four_captions, f"train.contrastive.loss={loss}", f"train.name={loss}")
     test = read_manifest(cfg.data.manifest, cfg.data.bags_dir, CLASSES, splits=["test"])
