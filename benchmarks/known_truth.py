@@ -158,7 +158,10 @@ def trained(cfg: Config, seed: int, fresh: bool) -> Path:
     """The run folder of ``cfg`` at ``seed``: trained now, or reused when finished with the same config."""
     out = run_dir(cfg, seed)
     if not fresh and (out / "metrics.json").is_file() and (out / "config.yaml").is_file():
-        if load_config(out / "config.yaml") == apply_overrides(cfg, [f"train.seed={seed}"]):
+        stored = load_config(out / "config.yaml")
+        if not cfg.train.terms.terms:  # the run wrote the caption terms it chose
+            stored = apply_overrides(stored, ["train.terms.terms=[]"])
+        if stored == apply_overrides(cfg, [f"train.seed={seed}"]):
             return out
     return train_one(cfg, seed, progress=False)
 

@@ -198,5 +198,5 @@ def write_pyramidal_tiff(path: str | Path, img: np.ndarray, mpp: float, levels: 
             level = np.ascontiguousarray(img[:: 2**i, :: 2**i])
             res = 1e4 / (mpp * 2**i)  # pixels per centimetre
             tif.write(level, tile=(256, 256), photometric="rgb", compression="zlib",
-                      resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0)
+                      compressionargs={"level": 1}, resolution=(res, res), resolutionunit="CENTIMETER", subfiletype=1 if i else 0)
     return path

@@ -117,18 +117,20 @@ def write_bag(
     return path
 
 
-def read_bag(path: str | os.PathLike, *, dtype: str | None = None) -> Bag:
+def read_bag(path: str | os.PathLike, *, dtype: str | None = None, with_attrs: bool = True) -> Bag:
     """Read and validate a bag (ours, CLAM's or TRIDENT's).
 
     Raises :class:`~pathm3.errors.DataError` for a file that is not a bag, whose features and
     coords disagree on N, or whose features hold NaN/inf. ``dtype`` casts the features.
+    ``with_attrs=False`` skips the attributes (``attrs`` is empty): a training loop reads each bag
+    every epoch and needs only the arrays.
     """
     path = Path(path)
     with _open(path) as f:
         feats_ds, coords_ds = _datasets(f, path)
         features = feats_ds[()]
         coords = coords_ds[()]
-        attrs = _collect_attrs(f, feats_ds, coords_ds)
+        attrs = _collect_attrs(f, feats_ds, coords_ds) if with_attrs else {}
     features = _squeeze_leading(features)
     coords = _squeeze_leading(coords)
     _check_arrays(features, coords, path)

@@ -34,6 +34,7 @@ from pathm3.errors import ConfigError
 from pathm3.parts import AGGREGATORS, CAPTIONER_CONFIGS, CAPTIONERS, MIXERS, section_type
 from pathm3.parts.base import PartConfig as Section
 from pathm3.parts.contrastive import ContrastiveConfig
+from pathm3.parts.terms import TermsConfig
 from pathm3.parts.heads import HeadConfig
 from pathm3.parts.nystrom import NystromConfig
 from pathm3.parts.qformer import QFormerConfig
@@ -84,7 +85,7 @@ class ModelConfig(Section):
 DEFAULT_TYPES = {"mixer": "nystrom", "aggregator": "qformer", "captioner": "t5"}
 
 
-PartName = Literal["mixer", "aggregator", "head", "captioner", "projection", "contrastive"]
+PartName = Literal["mixer", "aggregator", "head", "captioner", "projection", "contrastive", "terms"]
 
 
 class ParamGroupConfig(Section):
@@ -126,6 +127,7 @@ class TrainConfig(Section):
     # Per-part learning rate / weight decay, e.g. {captioner: {lr: 2.0e-5}}; unnamed parts use lr.
     param_groups: dict[PartName, ParamGroupConfig] = {}
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
+    terms: TermsConfig = Field(default_factory=TermsConfig)  # caption-term supervision (parts/terms.py)
 
     @model_validator(mode="after")
     def _check(self):

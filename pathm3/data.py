@@ -80,7 +80,7 @@ class BagDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.slides[i]
-        bag = read_bag(s.bag_path, dtype="float32")
+        bag = read_bag(s.bag_path, dtype="float32", with_attrs=False)
         feats, coords = torch.from_numpy(bag.features), torch.from_numpy(bag.coords)
         caption = s.caption
         cls_text = self.classifier_text(caption) if (caption and self.classifier_text) else caption

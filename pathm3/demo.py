@@ -14,6 +14,7 @@ to end, not pathology. The README says how to run it on real slides with real we
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,20 +37,28 @@ def draw_slide(label: int, rng: np.random.Generator, cells: int = 7) -> tuple[np
     """An RGB slide of ``cells`` x ``cells`` patches: tissue ellipse, nuclei, and (label 1) tumour regions.
 
     Returns the image and the (col, row) cells of the tumour regions."""
-    from skimage import draw
+    import cv2
 
     size = cells * CELL
-    img = np.clip(GLASS + rng.normal(0, 3, (size, size, 3)), 0, 255)
-    yy, xx = np.mgrid[0:size, 0:size]
+    noise = lambda n, sd: rng.standard_normal((n, 3), dtype=np.float32) * sd  # noqa: E731
+    img = (GLASS + noise(size * size, 3)).reshape(size, size, 3)
+    yy, xx = np.ogrid[0:size, 0:size]
     cy, cx = size / 2 + rng.uniform(-CELL, CELL, 2)
     ry, rx = size * rng.uniform(0.34, 0.44, 2)
     tissue = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
-    img[tissue] = np.clip(STROMA + rng.normal(0, 10, (tissue.sum(), 3)), 0, 255)
+    img[tissue] = STROMA + noise(int(tissue.sum()), 10)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+
+    def blob(y: float, x: float, ry: float, rx: float, angle: float, colour: np.ndarray) -> None:
+        # a filled ellipse at sub-pixel precision (OpenCV's fixed point: 4 fractional bits)
+        centre, axes = (round(x * 16), round(y * 16)), (round(rx * 16), round(ry * 16))
+        cv2.ellipse(img, centre, axes, angle, 0, 360, colour.tolist(), thickness=-1, shift=4)
+
     for _ in range(int(tissue.sum() / 900)):  # scattered normal nuclei
         r, c = rng.integers(0, size, 2)
         if tissue[r, c]:
-            rr, cc = draw.disk((r, c), rng.uniform(2.5, 4), shape=tissue.shape)
-            img[rr, cc] = NUCLEUS
+            radius = rng.uniform(2.5, 4)
+            blob(r, c, radius, radius, 0.0, NUCLEUS)
     regions: list[tuple[int, int]] = []
     if label == 1:
         inside = [(c, r) for r in range(cells) for c in range(cells)
@@ -59,32 +68,40 @@ def draw_slide(label: int, rng: np.random.Generator, cells: int = 7) -> tuple[np
             regions.append((c, r))
             for _ in range(260):  # crowded, large, dark, irregular nuclei
                 y, x = r * CELL + rng.integers(0, CELL), c * CELL + rng.integers(0, CELL)
-                rr, cc = draw.ellipse(y, x, rng.uniform(4, 8), rng.uniform(3, 6), shape=tissue.shape,
-                                      rotation=rng.uniform(0, np.pi))
-                img[rr, cc] = TUMOUR
-    return img.astype(np.uint8), regions
+                blob(y, x, rng.uniform(4, 8), rng.uniform(3, 6), np.degrees(rng.uniform(0, np.pi)), TUMOUR)
+    return img, regions
 
 
-def write_cohort(out: Path, n_slides: int, seed: int = 0) -> dict[str, dict]:
-    """Slides in ``out/slides`` with labels, captions and a stratified 60/20/20 split."""
+def _write_slide(path: Path, label: int, seed: np.random.SeedSequence) -> tuple[list[tuple[int, int]], int]:
+    """Draw one slide into ``path``; returns its tumour regions and which caption it gets."""
     from feature_extraction.slides import write_pyramidal_tiff
 
     rng = np.random.default_rng(seed)
+    img, regions = draw_slide(label, rng)
+    write_pyramidal_tiff(path, img, mpp=0.5)
+    return regions, int(rng.integers(3))
+
+
+def write_cohort(out: Path, n_slides: int, seed: int = 0) -> dict[str, dict]:
+    """Slides in ``out/slides`` with labels, captions and a stratified 60/20/20 split.
+
+    Slides are drawn in parallel (one process per core, at most 4), each from its own seed, so the
+    cohort is the same whatever the number of processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
     (out / "slides").mkdir(parents=True, exist_ok=True)
+    sids, labels = [f"demo-{i:03d}" for i in range(n_slides)], [i % 2 for i in range(n_slides)]
+    paths = [out / "slides" / f"{sid}.tiff" for sid in sids]
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        drawn = list(pool.map(_write_slide, paths, labels, np.random.SeedSequence(seed).spawn(n_slides)))
     rows: dict[str, dict] = {}
-    per_class: dict[int, list[str]] = {0: [], 1: []}
-    for i in range(n_slides):
-        label = i % 2
-        sid = f"demo-{i:03d}"
-        img, regions = draw_slide(label, rng)
-        write_pyramidal_tiff(out / "slides" / f"{sid}.tiff", img, mpp=0.5)
+    for sid, label, (regions, caption) in zip(sids, labels, drawn):
         cls = CLASSES[label]
-        rows[sid] = {"slide_id": sid, "label": cls, "caption": CAPTIONS[cls][int(rng.integers(3))],
-                     "regions": regions}
-        per_class[label].append(sid)
-    for sids in per_class.values():
-        n = len(sids)
-        for k, sid in enumerate(sids):
+        rows[sid] = {"slide_id": sid, "label": cls, "caption": CAPTIONS[cls][caption], "regions": regions}
+    for label in (0, 1):
+        same = [sid for sid, lab in zip(sids, labels) if lab == label]
+        for k, sid in enumerate(same):
+            n = len(same)
             rows[sid]["split"] = "train" if k < round(0.6 * n) else "val" if k < round(0.8 * n) else "test"
     return rows
 
@@ -111,7 +128,8 @@ def run_demo(output: str | Path = "demo_output", n_slides: int = 60, seed: int =
     manifest = write_manifest(list(rows.values()), out / "manifest.csv")
 
     step("2/5 pathm3-extract (tiny-vit encoder, 20x, 224 px patches)")
-    settings = ExtractionSettings(encoder="tiny-vit", magnification=20, workers=1, progress=progress)
+    # workers=0: the demo's slides hold ~24 patches each, too few to pay for a reader process per slide
+    settings = ExtractionSettings(encoder="tiny-vit", magnification=20, workers=0, progress=progress)
     results = run(find_slides([out / "slides"]), out / "bags", settings)
     failed = [r for r in results if r.status == "failed"]
     if failed:

@@ -147,7 +147,7 @@ def write_heatmap_png(ex: BagExplanation, slide_path: Path, path: Path) -> Path:
 
     slide = open_slide(slide_path)
     try:
-        thumb, per_px = thumbnail(slide, max_size=1600)
+        thumb, per_px = thumbnail(slide, max_size=960)  # the figure is 960 px wide
     finally:
         slide.close()
     size = float(ex.bag.attrs.get("patch_size_level0") or 224)

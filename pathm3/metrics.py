@@ -1,14 +1,18 @@
 """Evaluation metrics: captions through pycocoevalcap, classification through scikit-learn.
 
 Captions are tokenised once with the PTB tokenizer (one Java call for the whole split), then
-scored with BLEU 1-4, METEOR (one Java call), ROUGE-L and CIDEr. SPICE needs the Stanford CoreNLP
+scored with BLEU 1-4, METEOR, ROUGE-L and CIDEr. METEOR's Java server takes seconds to load its
+paraphrase tables, so one server serves every call in a process (:func:`start_meteor` starts it
+early, e.g. while a model trains; it is closed at exit). SPICE needs the Stanford CoreNLP
 3.6.0 jars beside pycocoevalcap; where they are missing ``spice`` is None and ``spice_note`` says
 how to install them: nothing is downloaded and nothing waits on the network.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -40,7 +44,6 @@ def caption_metrics(references: Mapping[str, Sequence[str]], predictions: Mappin
     """Corpus metrics of ``predictions[id]`` against ``references[id]`` (one or more each)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -57,11 +60,11 @@ def caption_metrics(references: Mapping[str, Sequence[str]], predictions: Mappin
     res = {i: [tokenised[f"p|{i}"][0] or "<empty>"] for i in ids}
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    meteor_scorer = Meteor()
     try:
-        meteor, _ = meteor_scorer.compute_score(gts, res)
-    finally:
-        _close_meteor(meteor_scorer)
+        meteor, _ = start_meteor().compute_score(gts, res)
+    except BaseException:
+        close_meteor()  # a server that failed mid-call is not reused
+        raise
     rouge, _ = Rouge().compute_score(gts, res)
     cider, _ = Cider().compute_score(gts, res)
     out = {f"bleu_{k + 1}": float(bleu[k]) for k in range(4)}
@@ -77,13 +80,38 @@ def caption_metrics(references: Mapping[str, Sequence[str]], predictions: Mappin
     return out
 
 
-def _close_meteor(scorer) -> None:
+_meteor = None
+_meteor_lock = threading.Lock()
+
+
+def start_meteor():
+    """The process's METEOR scorer (pycocoevalcap's Java server), started on the first call.
+
+    Starting returns at once; the server loads in its own process, so calling this before other
+    work (training) hides the load. The server is closed at exit or by :func:`close_meteor`."""
+    global _meteor
+    with _meteor_lock:
+        if _meteor is None or _meteor.meteor_p.poll() is not None:
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            _meteor = Meteor()
+        return _meteor
+
+
+def close_meteor() -> None:
+    """Stop the METEOR server if one runs (the next :func:`start_meteor` starts a new one)."""
+    global _meteor
+    with _meteor_lock:
+        scorer, _meteor = _meteor, None
     proc = getattr(scorer, "meteor_p", None)
     if proc is not None and proc.poll() is None:
         with scorer.lock:
             proc.stdin.close()
             proc.kill()
             proc.wait()
+
+
+atexit.register(close_meteor)
 
 
 def classification_metrics(labels: Sequence[int], probs: np.ndarray, num_classes: int) -> dict:

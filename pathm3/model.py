@@ -28,6 +28,7 @@ from pathm3.config import ModelConfig
 from pathm3.parts import AGGREGATORS, CAPTIONERS, HEADS, MIXERS
 from pathm3.parts.base import AggregatorOutput, TextBatch
 from pathm3.parts.contrastive import ContrastiveAlignment, ContrastiveConfig
+from pathm3.parts.terms import CaptionTerms, TermsConfig
 
 
 @dataclass
@@ -47,11 +48,12 @@ class Batch:
 class ModelOutput:
     """One training/validation step."""
 
-    loss: torch.Tensor  # alpha * loss_cls + (1 - alpha) * loss_gen + w * loss_contrastive
+    loss: torch.Tensor  # alpha * loss_cls + (1 - alpha) * loss_gen + w * loss_contrastive + w' * loss_terms
     loss_cls: torch.Tensor  # detached
     loss_gen: torch.Tensor  # detached
     logits: torch.Tensor  # (B, C) from the classifier's input (with the caption when it was used)
     loss_contrastive: torch.Tensor | None = None  # detached; None without train.contrastive
+    loss_terms: torch.Tensor | None = None  # detached; None without train.terms
 
 
 @dataclass
@@ -78,10 +80,13 @@ class PathM3(nn.Module):
         caption_tokenizer: the captioner's tokenizer.
         contrastive: ``train.contrastive``; with a weight > 0 the model gets the projections of
             the image-text contrastive loss (:mod:`pathm3.parts.contrastive`).
+        terms: ``train.terms``; with a weight > 0 the model gets the caption-term scores
+            (:mod:`pathm3.parts.terms`).
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, head: str = "single_label",
-                 text_tokenizer=None, caption_tokenizer=None, contrastive: ContrastiveConfig | None = None):
+                 text_tokenizer=None, caption_tokenizer=None, contrastive: ContrastiveConfig | None = None,
+                 terms: TermsConfig | None = None):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
         self.mixer = MIXERS[cfg.mixer.type](cfg.mixer, cfg.feature_dim)
@@ -93,6 +98,7 @@ class PathM3(nn.Module):
         self.captioner = captioner(cfg.captioner, self.aggregator.out_dim, caption_tokenizer) if captioner else None
         self.contrastive = ContrastiveAlignment(contrastive, self.aggregator.out_dim) \
             if contrastive is not None and contrastive.weight > 0 else None
+        self.terms = CaptionTerms(terms, self.aggregator.out_dim) if terms is not None and terms.weight > 0 else None
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -108,7 +114,7 @@ class PathM3(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         """The model's parts by name (what ``train.param_groups`` and summaries refer to)."""
         named = {"mixer": self.mixer, "aggregator": self.aggregator, "head": self.head,
-                 "captioner": self.captioner, "contrastive": self.contrastive}
+                 "captioner": self.captioner, "contrastive": self.contrastive, "terms": self.terms}
         return {name: part for name, part in named.items() if part is not None}
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -177,11 +183,15 @@ class PathM3(nn.Module):
         if self.captioner is not None and alpha < 1 and batch.caption_tokens is not None:
             loss_gen = self.captioner.loss(image.tokens, batch.caption_tokens)
         loss = alpha * loss_cls + (1 - alpha) * loss_gen
-        if self.contrastive is None:
-            return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits)
-        loss_con = self._contrastive_loss(image.tokens, batch.text)
-        loss = loss + self.contrastive.cfg.weight * loss_con
-        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, loss_con.detach())
+        loss_con = loss_terms = None
+        if self.contrastive is not None:
+            loss_con = self._contrastive_loss(image.tokens, batch.text)
+            loss = loss + self.contrastive.cfg.weight * loss_con
+        if self.terms is not None:
+            loss_terms = self.terms.loss(image.tokens, batch.captions)
+            loss = loss + self.terms.cfg.weight * loss_terms
+        detach = lambda t: None if t is None else t.detach()  # noqa: E731
+        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, detach(loss_con), detach(loss_terms))
 
     def _contrastive_loss(self, tokens: torch.Tensor, text: TextBatch | None) -> torch.Tensor:
         """Image-text contrastive loss over the slides with a caption (0 with fewer than two)."""

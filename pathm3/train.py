@@ -20,6 +20,7 @@ Determinism: every step reseeds the RNGs from (seed, step) and the sampler shuff
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from pathlib import Path
@@ -37,10 +38,11 @@ from pathm3.errors import DataError, UsageError
 from pathm3.evaluate import evaluate, predict, thresholds_of, training_slides, write_json, write_predictions
 from pathm3.files import check_writable, write_csv, write_text
 from pathm3.manifest import Slide, read_manifest
-from pathm3.metrics import tune_thresholds
+from pathm3.metrics import start_meteor, tune_thresholds
 from pathm3.model import Batch, PathM3
 from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.parts.t5 import NoCaptionerConfig
+from pathm3.parts.terms import choose_terms
 from pathm3.pretrained import (build_model, checkpoint_provenance, checkpoint_tokenizer, load_checkpoint,
                                needs_built_tokenizer, save_checkpoint)
 from pathm3.provenance import cohort_provenance
@@ -90,6 +92,12 @@ class PathM3Module(L.LightningModule):
         self.strict_loading = not self.unstored
         self._val: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
+    def on_fit_start(self) -> None:
+        # The evaluation after training scores captions with METEOR, whose Java server takes seconds
+        # to load: start it now, beside training, on the rank that evaluates.
+        if self.trainer.is_global_zero and self.model.captioner is not None:
+            start_meteor()
+
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         # Reseed before every step from (seed, step): Lightning draws from the global RNG at moments
         # that differ between a continuous and a resumed run (e.g. creating loader iterators).
@@ -107,6 +115,8 @@ class PathM3Module(L.LightningModule):
         self.log("train/loss_gen", out.loss_gen, batch_size=b)
         if out.loss_contrastive is not None:
             self.log("train/loss_contrastive", out.loss_contrastive, batch_size=b)
+        if out.loss_terms is not None:
+            self.log("train/loss_terms", out.loss_terms, batch_size=b)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         return out.loss
 
@@ -196,6 +206,22 @@ def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
     return build_word_tokenizer(texts, min([s for s in sizes if s] or [512]))
 
 
+def with_terms(cfg: Config, train: Sequence[Slide]) -> Config:
+    """``train.terms`` with a weight but no terms gets the words of the training captions
+    (:func:`pathm3.parts.terms.choose_terms`); the run's config stores them, so a checkpoint or a
+    resumed run rebuilds the same head. Without any training caption the run has weight 0."""
+    t = cfg.train.terms
+    if t.weight <= 0 or t.terms:
+        return cfg
+    if not any(s.caption for s in train):  # nothing to supervise: the run (and its config) goes without
+        return apply_overrides(cfg, ["train.terms.weight=0"])
+    chosen = choose_terms([s.caption for s in train], t)
+    if not chosen:
+        raise DataError(f"{cfg.data.manifest}: train.terms found no word in at least {t.min_slides} training "
+                        "captions; list train.terms.terms, lower train.terms.min_slides, or set train.terms.weight: 0")
+    return apply_overrides(cfg, [f"train.terms.terms={json.dumps(chosen)}"])  # quoted: "no" stays a word
+
+
 def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path | None:
     """Train one seed (or resume it), evaluate its best checkpoint on the test split; returns the run
     dir (None on DDP ranks other than 0, which neither evaluate nor write results)."""
@@ -205,7 +231,6 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     last = ckpt_dir / "last.ckpt"
     if resume and not last.is_file():
         raise UsageError(f"{out}: nothing to resume (no checkpoints/last.ckpt)")
-    eff = effective_config(cfg)
     classes = list(cfg.data.classes)
     if not classes:
         raise UsageError("data.classes is empty: list the class names in the config")
@@ -217,6 +242,8 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     if not train:
         raise DataError(f"{cfg.data.manifest}: no rows with split=train")
     check_writable(out / "config.yaml")
+    cfg = with_terms(cfg, train)
+    eff = effective_config(cfg)
 
     L.seed_everything(seed, workers=True, verbose=False)
     tokenizer = _tokenizer(eff, slides, out)

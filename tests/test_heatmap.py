@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_checkpoint(path: Path, feature_dim: int = 64) -> Path:
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.feature_dim={feature_dim}"])
+    cfg = load_config(REPO / "configs" / "demo.yaml", [f"model.feature_dim={feature_dim}", "train.terms.weight=0"])
     torch.manual_seed(0)
     tok = build_word_tokenizer(["benign glands", "adenocarcinoma glands"])
     return save_checkpoint(build_model(cfg, tok), path, cfg, list(cfg.data.classes), tok)
@@ -125,7 +125,8 @@ def test_trained_model_ranks_the_signal_patches_first(tmp_path):
 
 
 def test_scores_for_a_bag_of_100k_patches():
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=16", "model.captioner.type=none"])
+    cfg = load_config(REPO / "configs" / "demo.yaml", ["model.feature_dim=16", "model.captioner.type=none",
+                                                         "train.terms.weight=0"])
     model = build_model(cfg, build_word_tokenizer(["x"])).eval()
     feats = torch.randn(1, 100_000, 16)
     mask = torch.ones(1, 100_000, dtype=torch.bool)

@@ -1,0 +1,130 @@
+"""Caption-term supervision (``train.terms``): which words are chosen, what the loss sees, and that a
+run stores its terms so its checkpoint rebuilds the same head."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_batch, tiny_config
+from pathm3.bags import index_grid, write_bag
+from pathm3.manifest import write_manifest
+from pathm3.parts.terms import TermsConfig, choose_terms, contains
+from pathm3.pretrained import build_model, load_checkpoint
+from pathm3.text import build_word_tokenizer
+from pathm3.train import train_one
+
+CAPTIONS = ["tubular adenocarcinoma with necrosis", "tubular adenocarcinoma with mucin pools",
+            "signet ring cell carcinoma with necrosis", "signet ring cell carcinoma with mucin pools"]
+
+
+def test_chosen_words_tell_captions_apart():
+    caps = CAPTIONS * 3 + ["a rare word", None, ""]
+    terms = choose_terms(caps, TermsConfig(weight=1, min_slides=3, max_share=0.9))
+    assert "with" not in terms  # in 12 of 13 captions: tells nothing apart
+    assert "rare" not in terms  # in one caption only
+    assert set(terms) == {"tubular", "adenocarcinoma", "necrosis", "mucin", "pools", "signet", "ring", "cell",
+                          "carcinoma"}
+    assert terms == sorted(terms)  # each is in 6 captions: ties go alphabetically
+    more = choose_terms(caps + ["necrosis again"], TermsConfig(weight=1, max_share=0.8))
+    assert more[0] == "necrosis" and more[1:] == [t for t in terms if t != "necrosis"]  # most frequent first
+    assert choose_terms(caps, TermsConfig(weight=1, min_slides=3, max_terms=2)) == terms[:2]
+
+
+def test_contains_matches_whole_words_and_phrases():
+    got = contains(["Signet-ring cells, with MUCIN pools.", None, "carcinomas"],
+                   ["signet ring", "mucin pools", "ring cell", "carcinoma"])
+    assert got[0].tolist() == [1.0, 1.0, 0.0, 0.0]  # punctuation and case do not matter; "ring cells" != "ring cell"
+    assert all(math.isnan(v) for v in got[1].tolist())  # no caption: unknown, not absent
+    assert got[2].tolist() == [0.0, 0.0, 0.0, 0.0]  # "carcinomas" is not the word "carcinoma"
+
+
+def test_terms_loss_trains_a_query_on_a_rare_finding():
+    """Off by default; with a weight, the loss is BCE of the max over queries, and a few steps on bags
+    whose 'necrosis' is carried by 2 of 60 patches learn to detect it on new bags."""
+    tok = build_word_tokenizer(CAPTIONS)
+    assert build_model(tiny_config(), tok).terms is None
+    assert build_model(tiny_config(), tok)(make_batch(build_model(tiny_config(), tok), [torch.randn(20, 64)],
+                                                        [0], ["tubular adenocarcinoma"])).loss_terms is None
+
+    torch.manual_seed(0)
+    cfg = tiny_config("train.terms.weight=1.0", 'train.terms.terms=["necrosis", "mucin pools"]', "model.alpha=1.0",
+                      "model.patch_dropout=0", "model.captioner.type=none")
+    model = build_model(cfg, tok)
+    assert model.terms.score.out_features == 2 and "terms" in model.parts()
+    needle = torch.zeros(64)
+    needle[5] = 8.0
+
+    def bags(n):
+        out, caps = [], []
+        for i in range(n):
+            b = torch.randn(60, 64)
+            if i % 2:
+                b[torch.randperm(60)[:2]] += needle
+            out.append(b)
+            caps.append("carcinoma with necrosis" if i % 2 else "carcinoma with mucin pools")
+        return out, caps
+
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train_bags, train_caps = bags(128)
+    losses = []
+    for step in range(100):
+        i = [(step * 16 + j) % 128 for j in range(16)]
+        out = model(make_batch(model, [train_bags[k] for k in i], [0] * 16, [train_caps[k] for k in i]))
+        losses.append(out.loss_terms.item())
+        opt.zero_grad()
+        (out.loss - model.cfg.alpha * out.loss_cls).backward()  # the terms loss alone
+        opt.step()
+    assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
+    model.eval()
+    test_bags, test_caps = bags(20)
+    with torch.no_grad():
+        feats = make_batch(model, test_bags, [0] * 20, test_caps)
+        tokens = model.aggregator(model.mixer(feats.features, feats.mask), feats.mask).tokens
+        p = torch.sigmoid(model.terms.logits(tokens))[:, 0]  # P(necrosis)
+    truth = torch.tensor([i % 2 for i in range(20)], dtype=torch.bool)
+    assert ((p > 0.5) == truth).float().mean() >= 0.9  # new bags: the 2 needle patches are found
+
+
+def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
+    root = tmp_path / "cohort"
+    rows = []
+    for i in range(24):
+        sid = f"s{i:02d}"
+        feats = torch.randn(30, 64).numpy()
+        write_bag(root / "bags" / f"{sid}.h5", feats, index_grid(30, 224), dtype="float32",
+                  coords_attrs={"patch_size": 224, "patch_size_level0": 224, "name": sid},
+                  features_attrs={"encoder": "synthetic", "name": sid})
+        rows.append({"slide_id": sid, "label": ["benign", "tumour"][i % 2], "caption": CAPTIONS[i % 4],
+                     "split": "train" if i < 16 else "val" if i < 20 else "test"})
+    write_manifest(rows, root / "manifest.csv")
+    cfg = tiny_config(f"data.manifest={root / 'manifest.csv'}", f"data.bags_dir={root / 'bags'}",
+                      f"train.output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "train.terms.weight=0.5",
+                      "eval.num_beams=1", "eval.max_new_tokens=4")
+    run = train_one(cfg, seed=0, progress=False)
+    stored = yaml.safe_load((run / "config.yaml").read_text())["train"]["terms"]["terms"]
+    assert set(stored) == {"tubular", "adenocarcinoma", "necrosis", "mucin", "pools", "signet", "ring", "cell",
+                           "carcinoma"}
+    model, loaded, _ = load_checkpoint(run / "checkpoints" / "best.safetensors")
+    assert loaded.train.terms.terms == stored and model.terms.score.out_features == len(stored)
+    with open(run / "metrics.csv") as fh:
+        assert any(r.get("train/loss_terms") for r in csv.DictReader(fh))
+
+
+def test_no_words_to_choose_and_no_captions(tmp_path):
+    from pathm3.errors import DataError
+    from pathm3.manifest import Slide
+    from pathm3.train import with_terms
+
+    slides = [Slide(f"s{i}", [1.0, 0.0], "the same words", "train", tmp_path / f"s{i}.h5", i + 2) for i in range(4)]
+    with pytest.raises(DataError, match="train.terms"):  # every word is in every caption
+        with_terms(tiny_config("train.terms.weight=1"), slides)
+    assert with_terms(tiny_config(), slides).train.terms.terms == []  # weight 0: nothing chosen
+    uncaptioned = [Slide(s.slide_id, s.targets, None, s.split, s.bag_path, s.row) for s in slides]
+    assert with_terms(tiny_config("train.terms.weight=1"), uncaptioned).train.terms.weight == 0  # no captions
+    with pytest.raises(ValueError, match="chooses the words"):  # built directly without its words
+        build_model(tiny_config("train.terms.weight=1"), build_word_tokenizer(CAPTIONS))
