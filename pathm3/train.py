@@ -20,7 +20,6 @@ Determinism: every step reseeds the RNGs from (seed, step) and the sampler shuff
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ from pathm3.metrics import start_meteor, tune_thresholds
 from pathm3.model import Batch, PathM3
 from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.parts.t5 import NoCaptionerConfig
-from pathm3.parts.terms import choose_terms
+from pathm3.parts.terms import with_terms
 from pathm3.pretrained import (build_model, checkpoint_provenance, checkpoint_tokenizer, load_checkpoint,
                                needs_built_tokenizer, save_checkpoint)
 from pathm3.provenance import cohort_provenance
@@ -204,22 +203,6 @@ def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
     texts = [s.caption for s in slides if s.caption and s.split == "train"] or ["no captions"]
     sizes = [getattr(cfg.model.aggregator, "vocab_size", None), getattr(cfg.model.captioner, "vocab_size", None)]
     return build_word_tokenizer(texts, min([s for s in sizes if s] or [512]))
-
-
-def with_terms(cfg: Config, train: Sequence[Slide]) -> Config:
-    """``train.terms`` with a weight but no terms gets the words of the training captions
-    (:func:`pathm3.parts.terms.choose_terms`); the run's config stores them, so a checkpoint or a
-    resumed run rebuilds the same head. Without any training caption the run has weight 0."""
-    t = cfg.train.terms
-    if t.weight <= 0 or t.terms:
-        return cfg
-    if not any(s.caption for s in train):  # nothing to supervise: the run (and its config) goes without
-        return apply_overrides(cfg, ["train.terms.weight=0"])
-    chosen = choose_terms([s.caption for s in train], t)
-    if not chosen:
-        raise DataError(f"{cfg.data.manifest}: train.terms found no word in at least {t.min_slides} training "
-                        "captions; list train.terms.terms, lower train.terms.min_slides, or set train.terms.weight: 0")
-    return apply_overrides(cfg, [f"train.terms.terms={json.dumps(chosen)}"])  # quoted: "no" stays a word
 
 
 def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path | None:

@@ -118,7 +118,7 @@ def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
 def test_no_words_to_choose_and_no_captions(tmp_path):
     from pathm3.errors import DataError
     from pathm3.manifest import Slide
-    from pathm3.train import with_terms
+    from pathm3.parts.terms import with_terms
 
     slides = [Slide(f"s{i}", [1.0, 0.0], "the same words", "train", tmp_path / f"s{i}.h5", i + 2) for i in range(4)]
     with pytest.raises(DataError, match="train.terms"):  # every word is in every caption

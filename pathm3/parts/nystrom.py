@@ -35,6 +35,9 @@ class NystromConfig(PartConfig):
     pinv_iterations: int = Field(6, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     chunk_size: int = Field(2048, ge=1)  # patches per chunk of the attention: speed/memory only, same result
+    # The attention's residual depthwise convolution over the patch sequence (nystrom_attention's
+    # residual=True, kernel 33): it mixes each patch with its 32 neighbours in bag order.
+    residual_conv: bool = True
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -46,11 +49,12 @@ class NystromConfig(PartConfig):
 class NystromBlock(nn.Module):
     """One pre-norm residual Nyström self-attention layer: E = MSA(LN(E)) + E."""
 
-    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, dropout: float, chunk_size: int):
+    def __init__(self, dim: int, heads: int, landmarks: int, pinv_iterations: int, dropout: float, chunk_size: int,
+                 residual_conv: bool = True):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = LeanNystromAttention(dim=dim, dim_head=dim // heads, heads=heads, num_landmarks=landmarks,
-                                         pinv_iterations=pinv_iterations, residual=True, dropout=dropout,
+                                         pinv_iterations=pinv_iterations, residual=residual_conv, dropout=dropout,
                                          chunk_size=chunk_size)
         # Zero-initialised output: the block starts as the identity and only learns to mix
         # patches when that lowers the loss, which keeps small cohorts from memorising noise.
@@ -71,7 +75,8 @@ class NystromMixer(Mixer):
         self.out_dim = cfg.hidden_dim
         self.proj = nn.Identity() if in_dim == cfg.hidden_dim else nn.Linear(in_dim, cfg.hidden_dim)
         self.blocks = nn.ModuleList(
-            NystromBlock(cfg.hidden_dim, cfg.heads, cfg.landmarks, cfg.pinv_iterations, cfg.dropout, cfg.chunk_size)
+            NystromBlock(cfg.hidden_dim, cfg.heads, cfg.landmarks, cfg.pinv_iterations, cfg.dropout, cfg.chunk_size,
+                         cfg.residual_conv)
             for _ in range(cfg.layers)
         )
 

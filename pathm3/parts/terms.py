@@ -22,6 +22,7 @@ written into the run's config (``train.terms.terms``), so a checkpoint rebuilds 
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from typing import Sequence
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from pathm3.errors import DataError
 from pathm3.parts.base import PartConfig
 
 
@@ -89,3 +91,22 @@ class CaptionTerms(nn.Module):
         if not bool(known.any()):
             return self.score.weight.sum() * 0.0  # keeps the graph connected
         return F.binary_cross_entropy_with_logits(self.logits(tokens[known]).float(), target[known])
+
+
+def with_terms(cfg, train: Sequence):
+    """``train.terms`` with a weight but no terms gets the words of the training captions
+    (:func:`pathm3.parts.terms.choose_terms`); the run's config stores them, so a checkpoint or a
+    resumed run rebuilds the same head. Without any training caption the run has weight 0.
+    ``cfg``: a :class:`pathm3.config.Config`; ``train``: its training :class:`pathm3.manifest.Slide` rows."""
+    from pathm3.config import apply_overrides  # the config imports this module
+
+    t = cfg.train.terms
+    if t.weight <= 0 or t.terms:
+        return cfg
+    if not any(s.caption for s in train):  # nothing to supervise: the run (and its config) goes without
+        return apply_overrides(cfg, ["train.terms.weight=0"])
+    chosen = choose_terms([s.caption for s in train], t)
+    if not chosen:
+        raise DataError(f"{cfg.data.manifest}: train.terms found no word in at least {t.min_slides} training "
+                        "captions; list train.terms.terms, lower train.terms.min_slides, or set train.terms.weight: 0")
+    return apply_overrides(cfg, [f"train.terms.terms={json.dumps(chosen)}"])  # quoted: "no" stays a word
