@@ -34,11 +34,11 @@ from pathm3.errors import ConfigError
 from pathm3.parts import AGGREGATORS, CAPTIONER_CONFIGS, CAPTIONERS, MIXERS, section_type
 from pathm3.parts.base import PartConfig as Section
 from pathm3.parts.contrastive import ContrastiveConfig
-from pathm3.parts.terms import TermsConfig
 from pathm3.parts.heads import HeadConfig
 from pathm3.parts.nystrom import NystromConfig
 from pathm3.parts.qformer import QFormerConfig
 from pathm3.parts.t5 import T5CaptionerConfig
+from pathm3.parts.terms import TermsConfig
 
 # --------------------------------------------------------------------------------------------
 # Schema
