@@ -47,9 +47,9 @@ def test_terms_loss_trains_a_query_on_a_rare_finding():
     """Off by default; with a weight, the loss is BCE of the max over queries, and a few steps on bags
     whose 'necrosis' is carried by 2 of 60 patches learn to detect it on new bags."""
     tok = build_word_tokenizer(CAPTIONS)
-    assert build_model(tiny_config(), tok).terms is None
-    assert build_model(tiny_config(), tok)(make_batch(build_model(tiny_config(), tok), [torch.randn(20, 64)],
-                                                        [0], ["tubular adenocarcinoma"])).loss_terms is None
+    plain = build_model(tiny_config(), tok)
+    assert plain.terms is None
+    assert plain(make_batch(plain, [torch.randn(20, 64)], [0], ["tubular adenocarcinoma"])).loss_terms is None
 
     torch.manual_seed(0)
     cfg = tiny_config("train.terms.weight=1.0", 'train.terms.terms=["necrosis", "mucin pools"]', "model.alpha=1.0",
@@ -77,7 +77,7 @@ def test_terms_loss_trains_a_query_on_a_rare_finding():
         out = model(make_batch(model, [train_bags[k] for k in i], [0] * 16, [train_caps[k] for k in i]))
         losses.append(out.loss_terms.item())
         opt.zero_grad()
-        (out.loss - model.cfg.alpha * out.loss_cls).backward()  # the terms loss alone
+        out.loss.backward()  # every bag has class 0, so the classification loss teaches nothing about necrosis
         opt.step()
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     model.eval()
