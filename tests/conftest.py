@@ -70,6 +70,28 @@ def make_batch(model, bags, labels=None, captions=None, classifier_captions=None
     return Batch([f"s{i}" for i in range(len(bags))], feats, mask, targets, caps, tokens, text)
 
 
+def fit(model, cfg, n: int, batch_of, steps: int, clip: bool = False):
+    """Train ``model`` for ``steps`` AdamW steps with the config's warmup + cosine schedule, each on
+    ``batch_of(idx)``: 8 indices into ``n`` items drawn from a generator seeded 0; ``clip`` clips
+    gradients at ``train.gradient_clip``. Returns the model (still in train mode)."""
+    from pathm3.optim import build_optimizer, build_scheduler
+
+    opt = build_optimizer(model, cfg.train)
+    sched = build_scheduler(opt, cfg.train, steps)
+    order = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (8,), generator=order).tolist()
+        loss = model(batch_of(idx)).loss
+        opt.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.gradient_clip)
+        opt.step()
+        sched.step()
+    return model
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One tiny PathM3 trained for 3 epochs on a 40-slide synthetic cohort (shared by the tests that

@@ -17,11 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_config
+from conftest import fit, tiny_config
 from pathm3.data import BagCollator, BagDataset
 from pathm3.errors import ConfigError, MissingWeightsError, UsageError
 from pathm3.manifest import read_manifest
-from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.parts.causal_lm import caption_sequence
 from pathm3.parts.lora import FinetuneSettings, apply_finetune
 from pathm3.pretrained import build_model, load_checkpoint, save_checkpoint
@@ -126,17 +125,7 @@ def bleu4(model, slides) -> tuple[float, list[str]]:
 
 def train(model, cfg, slides, steps: int = 150) -> None:
     collate = BagCollator(model.tokenize)
-    opt = build_optimizer(model, cfg.train)
-    sched = build_scheduler(opt, cfg.train, steps)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(slides), (8,), generator=order).tolist()
-        loss = model(collate([slides[i] for i in idx])).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit(model, cfg, len(slides), lambda idx: collate([slides[i] for i in idx]), steps)
 
 
 def base_weights(lm) -> dict[str, torch.Tensor]:

@@ -11,13 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from conftest import make_batch, tiny_config
+from conftest import fit, make_batch, tiny_config
 from pathm3.bags import read_bag
 from pathm3.cohorts import CohortSpec, make_cohort
 from pathm3.data import pad_bags
 from pathm3.errors import UsageError
 from pathm3.explain import METHODS, patch_scores
-from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.parts import AGGREGATORS
 from pathm3.pretrained import build_model
 from pathm3.text import build_word_tokenizer
@@ -125,19 +124,8 @@ def train_tiny(aggregator: str, cohort, steps: int = 250):
     model = tiny_model(aggregator, dim=cohort.spec.dim, classes=cohort.classes)
     train = cohort.split("train")
     bags = [torch.from_numpy(read_bag(cohort.bags_dir / f"{s.slide_id}.h5", dtype="float32").features) for s in train]
-    cfg = tiny_config()
-    opt = build_optimizer(model, cfg.train)
-    sched = build_scheduler(opt, cfg.train, steps)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (8,), generator=order).tolist()
-        loss = model(make_batch(model, [bags[i] for i in idx], [train[i].label for i in idx])).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
+    return fit(model, tiny_config(), len(train),
+               lambda idx: make_batch(model, [bags[i] for i in idx], [train[i].label for i in idx]), steps).eval()
 
 
 @pytest.mark.parametrize("aggregator", ["qformer", "abmil"])

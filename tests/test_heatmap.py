@@ -18,8 +18,7 @@ from pathm3.bags import index_grid, read_bag, write_bag
 from pathm3.cli import heatmap_main
 from pathm3.config import load_config
 from pathm3.errors import run_cli
-from conftest import make_batch, tiny_config
-from pathm3.optim import build_optimizer, build_scheduler
+from conftest import fit, make_batch, tiny_config
 from pathm3.pretrained import build_model, save_checkpoint
 from pathm3.synthetic import signal_bags
 from pathm3.text import build_word_tokenizer
@@ -94,17 +93,7 @@ def test_trained_model_ranks_the_signal_patches_first(tmp_path):
                       "model.aggregator.text_input=never", classes=("a", "b"))
     torch.manual_seed(0)
     model = build_model(cfg)
-    opt = build_optimizer(model, cfg.train)
-    sched = build_scheduler(opt, cfg.train, 300)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(300):
-        idx = torch.randint(0, len(train), (8,), generator=order).tolist()
-        loss = model(make_batch(model, [train[i] for i in idx], ytr[idx])).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+    fit(model, cfg, len(train), lambda idx: make_batch(model, [train[i] for i in idx], ytr[idx]), 300)
     ckpt = save_checkpoint(model, tmp_path / "m.safetensors", cfg, ["a", "b"])
 
     test, _, signal = signal_bags(8, seed=7, return_signal=True)

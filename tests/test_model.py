@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_batch, tiny_config
+from conftest import fit, make_batch, tiny_config
 from pathm3.config import load_config
 from pathm3.data import pad_bags
 from pathm3.errors import DataError, MissingWeightsError
-from pathm3.optim import build_optimizer, build_scheduler
+from pathm3.optim import build_optimizer
 from pathm3.pretrained import build_model, load_checkpoint, save_checkpoint
 from pathm3.synthetic import signal_bags
 from pathm3.text import build_word_tokenizer
@@ -334,19 +334,7 @@ def test_learns_from_two_percent_of_patches_and_generalises():
                       "model.aggregator.text_input=never")
     torch.manual_seed(0)
     model = build_model(cfg)
-    steps, batch = 300, 8
-    opt = build_optimizer(model, cfg.train)
-    sched = build_scheduler(opt, cfg.train, steps)
-    order = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (batch,), generator=order).tolist()
-        loss = model(make_batch(model, [train[i] for i in idx], ytr[idx])).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.gradient_clip)
-        opt.step()
-        sched.step()
+    fit(model, cfg, len(train), lambda idx: make_batch(model, [train[i] for i in idx], ytr[idx]), 300, clip=True)
     model.eval()
     with torch.no_grad():
         preds = torch.cat([model.classify(*pad_bags(test[i:i + 50])).argmax(1) for i in range(0, len(test), 50)])
