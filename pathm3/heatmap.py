@@ -90,7 +90,8 @@ def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, 
     mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=device)
     with autocast(device, precision):
         out = model.infer(feats, mask, generate=caption)
-        target = None if class_name is None else list(classes).index(class_name)
+        # the class to explain: the one asked for, else the predicted one (from this pass's logits)
+        target = int(out.logits[0].argmax()) if class_name is None else list(classes).index(class_name)
         scores = out.scores if method == "attention" else patch_scores(model, feats, mask, method, target)
     per = to_numpy(out.query_scores[0]) if (per_query and out.query_scores is not None) else None
     probs = to_numpy(out.probabilities[0])
