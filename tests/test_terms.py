@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_batch, tiny_config
+from conftest import REPO, make_batch, tiny_config
 from pathm3.bags import index_grid, write_bag
 from pathm3.manifest import write_manifest
 from pathm3.parts.terms import TermsConfig, choose_terms, contains
@@ -90,8 +90,8 @@ def test_terms_loss_trains_a_query_on_a_rare_finding():
     assert ((p > 0.5) == truth).float().mean() >= 0.9  # new bags: the 2 needle patches are found
 
 
-def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
-    root = tmp_path / "cohort"
+def _cohort(root, captions):
+    """24 random 30-patch bags; slide i gets captions[i % len(captions)]."""
     rows = []
     for i in range(24):
         sid = f"s{i:02d}"
@@ -99,9 +99,14 @@ def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
         write_bag(root / "bags" / f"{sid}.h5", feats, index_grid(30, 224), dtype="float32",
                   coords_attrs={"patch_size": 224, "patch_size_level0": 224, "name": sid},
                   features_attrs={"encoder": "synthetic", "name": sid})
-        rows.append({"slide_id": sid, "label": ["benign", "tumour"][i % 2], "caption": CAPTIONS[i % 4],
+        rows.append({"slide_id": sid, "label": ["benign", "tumour"][i % 2], "caption": captions[i % len(captions)],
                      "split": "train" if i < 16 else "val" if i < 20 else "test"})
     write_manifest(rows, root / "manifest.csv")
+
+
+def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
+    root = tmp_path / "cohort"
+    _cohort(root, CAPTIONS)
     cfg = tiny_config(f"data.manifest={root / 'manifest.csv'}", f"data.bags_dir={root / 'bags'}",
                       f"train.output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "train.terms.weight=0.5",
                       "eval.num_beams=1", "eval.max_new_tokens=4")
@@ -128,3 +133,19 @@ def test_no_words_to_choose_and_no_captions(tmp_path):
     assert with_terms(tiny_config("train.terms.weight=1"), uncaptioned).train.terms.weight == 0  # no captions
     with pytest.raises(ValueError, match="chooses the words"):  # built directly without its words
         build_model(tiny_config("train.terms.weight=1"), build_word_tokenizer(CAPTIONS))
+
+
+def test_pathm3_train_without_words_to_choose_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+    from pathm3.cli import train_main
+    from pathm3.errors import run_cli
+
+    root = tmp_path / "cohort"
+    _cohort(root, ["the same words"])
+    code = run_cli(train_main, ["--config", str(REPO / "configs" / "demo.yaml"), "--no-progress",
+                                "--set", f"data.manifest={root / 'manifest.csv'}",
+                                "--set", f"data.bags_dir={root / 'bags'}",
+                                "--set", f"train.output_dir={tmp_path / 'runs'}", "--set", "data.classes=[benign, tumour]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("error:")
+    assert str(root / "manifest.csv") in err[0] and "train.terms.terms" in err[0]  # the file and the fix
+    assert not (tmp_path / "runs").exists()
