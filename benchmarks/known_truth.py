@@ -1,11 +1,11 @@
 """Known-truth benchmark: does each aggregator learn the needles, caption both findings, and point
 its heatmaps at the right patches?
 
-For each cohort (:mod:`pathm3.cohorts`; default: 2% scattered, 2% in regions, 0.5% scattered)
-every aggregator trains side by side with the same config, budget and split
-(:func:`pathm3.compare.variant`: PathM3 keeps the config's mixer, the baselines run without one,
-every model keeps the captioner) over several seeds. Per cohort x aggregator, mean ± std over
-seeds, on the test split:
+For each cohort (:mod:`pathm3.cohorts`; default: 2% scattered, 2% in regions, 0.5% scattered in
+bags of 200-400 and of 1,000-2,000 patches) every aggregator trains side by side with the same
+config, budget and split (:func:`pathm3.compare.variant`: PathM3 keeps the config's mixer, the
+baselines run without one, every model keeps the captioner) over several seeds. Per cohort x
+aggregator, mean ± std over seeds, on the test split:
 
     accuracy           image-only classification accuracy
     findings           share of slides whose generated caption names the right class phrase AND
@@ -55,6 +55,8 @@ COHORTS = {
     "scattered_2": CohortSpec(layout="scattered", class_frac=0.02, attribute_frac=0.02),
     "regions_2": CohortSpec(layout="regions", class_frac=0.02, attribute_frac=0.02),
     "scattered_0.5": CohortSpec(layout="scattered", class_frac=0.005, attribute_frac=0.005),
+    # 0.5% of slide-sized bags: 5-10 needles among 1,000-2,000 patches (training steps see 512 of them)
+    "scattered_0.5_large": CohortSpec(layout="scattered", class_frac=0.005, attribute_frac=0.005, patches=(1000, 2000)),
 }
 QUICK = dict(slides=36, patches=(40, 80))  # --quick: small cohorts, 2 epochs, one seed
 QUICK_SETTINGS = ["eval.num_beams=1", "eval.max_new_tokens=12", "train.warmup_steps=2"]

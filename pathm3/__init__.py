@@ -10,4 +10,4 @@ model's parts: mixers, aggregators, heads, captioners, chosen by ``type:``), :mo
 Typed YAML configs live in :mod:`pathm3.config`, user-facing errors in :mod:`pathm3.errors`.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"

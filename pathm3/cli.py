@@ -288,8 +288,8 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", default=None, metavar="NAME",
                    help="how patches are scored (the CSV's score column): attention (the aggregator's own), "
                    "gradient_x_input, class_attention, attention_x_gradient, feature_gradient_x_input, "
-                   "integrated_gradients or occlusion; class-specific methods explain the predicted class or "
-                   "--class (default: the most faithful on the known-truth benchmark, see README)")
+                   "integrated_gradients, occlusion or random_subsets; class-specific methods explain the "
+                   "predicted class or --class (default: the most faithful on the known-truth benchmark, see README)")
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="explain one class (e.g. one finding of a multi-label model) with a class-specific "
                    "--method (default gradient_x_input when the default method is attention)")

@@ -53,7 +53,7 @@ class BagExplanation:
 
 # The method pathm3-heatmap uses unless --method says otherwise: the most faithful one on the
 # known-truth cohorts (benchmarks/known_truth.py; README "Benchmarks").
-DEFAULT_METHOD = "integrated_gradients"
+DEFAULT_METHOD = "random_subsets"
 
 
 def resolve_method(method: str | None, class_name: str | None) -> str:

@@ -22,7 +22,7 @@ from pathm3.pretrained import build_model
 from pathm3.text import build_word_tokenizer
 
 D = 16
-FAST = {"integrated_gradients": {"steps": 4}, "occlusion": {"max_chunks": 16}}
+FAST = {"integrated_gradients": {"steps": 4}, "occlusion": {"max_chunks": 16}, "random_subsets": {"samples": 64}}
 
 
 def tiny_model(aggregator: str, dim: int = D, classes=("a", "b", "c")):
@@ -96,6 +96,17 @@ def test_integrated_gradients_are_complete():
         gap = [log_odds(model, model.aggregator(model.mixer(x, mask), mask), target) for x in (feats, base)]
     torch.testing.assert_close(ig, gap[0] - gap[1], atol=0.02, rtol=0.02)
 
+
+
+def test_random_subsets_are_seeded():
+    """The same bag gets the same scores (seed option), another seed other sub-bags; keep is checked."""
+    model = tiny_model("abmil").eval()
+    feats, mask = padded_batch()
+    first = patch_scores(model, feats, mask, "random_subsets", samples=64)
+    torch.testing.assert_close(first, patch_scores(model, feats, mask, "random_subsets", samples=64))
+    assert not torch.allclose(first, patch_scores(model, feats, mask, "random_subsets", samples=64, seed=1))
+    with pytest.raises(UsageError, match="keep is a probability"):
+        patch_scores(model, feats, mask, "random_subsets", keep=1.0)
 
 @pytest.mark.parametrize("aggregator", ["qformer", "abmil"])
 def test_ten_thousand_patches_without_m_by_m(aggregator):
