@@ -97,7 +97,6 @@ def test_integrated_gradients_are_complete():
     torch.testing.assert_close(ig, gap[0] - gap[1], atol=0.02, rtol=0.02)
 
 
-
 def test_random_subsets_are_seeded():
     """The same bag gets the same scores (seed option), another seed other sub-bags; keep is checked."""
     model = tiny_model("abmil").eval()
@@ -107,6 +106,7 @@ def test_random_subsets_are_seeded():
     assert not torch.allclose(first, patch_scores(model, feats, mask, "random_subsets", samples=64, seed=1))
     with pytest.raises(UsageError, match="keep is a probability"):
         patch_scores(model, feats, mask, "random_subsets", keep=1.0)
+
 
 @pytest.mark.parametrize("aggregator", ["qformer", "abmil"])
 def test_ten_thousand_patches_without_m_by_m(aggregator):
