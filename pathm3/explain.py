@@ -97,6 +97,11 @@ def log_odds(model: PathM3, out: AggregatorOutput, target: torch.Tensor) -> torc
     return chosen - others.logsumexp(1)
 
 
+def bag_log_odds(model: PathM3, features: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) the log-odds of each bag's target class: mixer -> aggregator -> head."""
+    return log_odds(model, model.aggregator(model.mixer(features, mask), mask), target)
+
+
 def input_gradient(model: PathM3, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
                    through_mixer: bool) -> torch.Tensor:
     """(B, M, W) d log-odds / d x, with x the bag features (``through_mixer``) or the mixer output."""
@@ -205,14 +210,13 @@ def occlude_bag(model: PathM3, feats: torch.Tensor, target: torch.Tensor, max_ch
     starts = torch.arange(0, n, size, device=feats.device)  # (S,) first patch of each chunk
     chunk_of = torch.arange(n, device=feats.device) // size  # (n,)
     full = torch.ones(1, n, dtype=torch.bool, device=feats.device)
-    base = log_odds(model, model.aggregator(model.mixer(feats[None], full), full), target[None])  # (1,)
+    base = bag_log_odds(model, feats[None], full, target[None])  # (1,)
     copies = max(1, patch_budget // n)
     drops = []
     for group in starts.split(copies):
         keep = chunk_of[None, :] != (group[:, None] // size)  # (G, n) one chunk removed per copy
         x = feats[None].expand(len(group), -1, -1)  # (G, n, D)
-        out = model.aggregator(model.mixer(x, keep), keep)
-        drops.append(base - log_odds(model, out, target.expand(len(group))))  # (G,)
+        drops.append(base - bag_log_odds(model, x, keep, target.expand(len(group))))  # (G,)
     return torch.cat(drops)[chunk_of]  # (n,)
 
 
@@ -250,7 +254,7 @@ def subset_effects(model: PathM3, feats: torch.Tensor, target: torch.Tensor, sam
     rows = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :width]  # (S, L) kept first, in bag order
     sub_mask = torch.arange(width, device=feats.device)[None] < counts[:, None]  # (S, L)
     group = max(1, patch_budget // width)  # sub-bags per forward
-    y = torch.cat([log_odds(model, model.aggregator(model.mixer(feats[idx], m), m), target.expand(len(idx)))
+    y = torch.cat([bag_log_odds(model, feats[idx], m, target.expand(len(idx)))
                    for idx, m in zip(rows.split(group), sub_mask.split(group))])  # (S,) log-odds of each sub-bag
     k = kept.float()
     n_in, n_out = k.sum(0), (1 - k).sum(0)  # (n,)
