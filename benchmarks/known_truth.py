@@ -20,6 +20,7 @@ aggregator, mean ± std over seeds, on the test split:
     python benchmarks/known_truth.py --quick --output /tmp/kt_quick
     python benchmarks/known_truth.py --output runs/known_truth --aggregators qformer abmil --seeds 0 1 2
     python benchmarks/known_truth.py --output runs/kt_pd0 --aggregators qformer --set model.patch_dropout=0
+    python benchmarks/known_truth.py --output runs/kt_draw1 --aggregators qformer --cohort-seed 1
 
 Writes ``OUTPUT/results.json`` (every run's values and the summaries) and ``OUTPUT/results.md``;
 runs live in ``OUTPUT/<cohort>/<aggregator>/seed<k>/`` and are reused when their config matches.
@@ -179,7 +180,8 @@ def run_all(args) -> list[RunScore]:
     output = Path(args.output)
     scores = []
     for name in args.cohorts:
-        spec = replace(COHORTS[name], **QUICK) if args.quick else COHORTS[name]
+        spec = replace(COHORTS[name], seed=args.cohort_seed, **(QUICK if args.quick else {}))
+        name = name if args.cohort_seed == 0 else f"{name}_draw{args.cohort_seed}"  # another draw, its own folders
         cohort = make_cohort(Path(args.cohort_root or output / "cohorts") / name, spec)
         cfg = cohort_config(args, cohort, output / name)
         for aggregator in args.aggregators:
@@ -262,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="base config (default demo.yaml)")
     p.add_argument("--cohorts", nargs="+", choices=list(COHORTS), default=list(COHORTS), help="cohorts to run")
     p.add_argument("--cohort-root", metavar="DIR", help="where cohorts are written (default OUTPUT/cohorts)")
+    p.add_argument("--cohort-seed", type=number(int, 0), default=0,
+                   help="draw the cohorts with this seed (default 0); another seed checks a setting on fresh "
+                        "cohorts, as <cohort>_draw<seed>")
     p.add_argument("--aggregators", nargs="+", choices=list(AGGREGATORS), default=list(AGGREGATORS),
                    help="aggregators (default: all)")
     p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
