@@ -75,16 +75,11 @@ def target_classes(model: PathM3, features: torch.Tensor, mask: torch.Tensor,
     b = features.shape[0]
     if class_index is None:
         with torch.no_grad():
-            return logits_of(model, features, mask).argmax(-1)
+            return model.classify(features, mask).argmax(-1)  # image only
     idx = torch.as_tensor(class_index, dtype=torch.long, device=features.device).reshape(-1)
     if not ((idx >= 0) & (idx < model.num_classes)).all():
         raise UsageError(f"class_index {class_index} out of range for {model.num_classes} classes")
     return idx.expand(b) if idx.numel() == 1 else idx
-
-
-def logits_of(model: PathM3, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, C) image-only logits: mixer -> aggregator -> head."""
-    return model._classify(model.aggregator(model.mixer(features, mask), mask))[0]
 
 
 def log_odds(model: PathM3, out: AggregatorOutput, target: torch.Tensor) -> torch.Tensor:
