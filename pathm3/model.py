@@ -10,6 +10,10 @@ C classes.
       -> captioner    e.g. Linear(Q, d) -> frozen FlanT5                  caption     L_gen
     L = alpha * L_cls + (1 - alpha) * L_gen
 
+With ``train.terms`` the caption's words get their own scores (from the tokens, the mixer's
+output or both; :mod:`pathm3.parts.terms`), + weight * L_terms, and with ``captioner_tokens`` the
+captioner reads their probabilities as F more tokens (B, K + F, Q).
+
 PathM3 is ``nystrom -> qformer -> linear head -> t5``; the MIL baselines are ``none -> abmil``
 (or transmil, dsmil, clam_sb, mean, max) with the same head and, optionally, the same captioner.
 Build it with :func:`pathm3.pretrained.build_model` (loads pretrained parts from local folders)
@@ -98,7 +102,8 @@ class PathM3(nn.Module):
         self.captioner = captioner(cfg.captioner, self.aggregator.out_dim, caption_tokenizer) if captioner else None
         self.contrastive = ContrastiveAlignment(contrastive, self.aggregator.out_dim) \
             if contrastive is not None and contrastive.weight > 0 else None
-        self.terms = CaptionTerms(terms, self.aggregator.out_dim) if terms is not None and terms.weight > 0 else None
+        self.terms = CaptionTerms(terms, self.aggregator.out_dim, self.mixer.out_dim) \
+            if terms is not None and terms.weight > 0 else None
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -178,17 +183,18 @@ class PathM3(nn.Module):
         for_classifier = image if text is None else self.aggregator(x, mask, batch.targets, text)
         logits, loss_cls = self._classify(for_classifier, batch.targets)  # (B, C)
 
+        term_logits = None if self.terms is None else self.terms.logits(image.tokens, x, mask)  # (B, T)
         alpha = self.cfg.alpha
         loss_gen = image.tokens.sum() * 0.0
         if self.captioner is not None and alpha < 1 and batch.caption_tokens is not None:
-            loss_gen = self.captioner.loss(image.tokens, batch.caption_tokens)
+            loss_gen = self.captioner.loss(self._caption_input(image.tokens, term_logits), batch.caption_tokens)
         loss = alpha * loss_cls + (1 - alpha) * loss_gen
         loss_con = loss_terms = None
         if self.contrastive is not None:
             loss_con = self._contrastive_loss(image.tokens, batch.text)
             loss = loss + self.contrastive.cfg.weight * loss_con
         if self.terms is not None:
-            loss_terms = self.terms.loss(image.tokens, batch.captions)
+            loss_terms = self.terms.loss(term_logits, batch.captions)
             loss = loss + self.terms.cfg.weight * loss_terms
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
         return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, detach(loss_con), detach(loss_terms))
@@ -215,6 +221,18 @@ class PathM3(nn.Module):
                 loss = (1 - w) * loss + w * out.aux_loss
         return sum(streams) / len(streams), loss
 
+    def _caption_input(self, tokens: torch.Tensor, term_logits: torch.Tensor | None) -> torch.Tensor:
+        """What the captioner reads: the aggregator's tokens (B, K, Q), then the term tokens
+        (B, F, Q) when ``train.terms.captioner_tokens`` is set."""
+        if self.terms is None or self.terms.to_captioner is None:
+            return tokens
+        return torch.cat([tokens, self.terms.caption_tokens(term_logits)], dim=1)  # (B, K + F, Q)
+
+    def _captions(self, tokens: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
+        """Generated captions from the aggregator's ``tokens`` and the mixer's output ``x``."""
+        term_logits = None if self.terms is None else self.terms.logits(tokens, x, mask)
+        return self.captioner.generate(self._caption_input(tokens, term_logits), **generation)
+
     def _drop_patches(self, mask: torch.Tensor) -> torch.Tensor:
         p = self.cfg.patch_dropout
         if not self.training or p <= 0:
@@ -240,7 +258,7 @@ class PathM3(nn.Module):
                 self.head.probabilities(self._classify(self.aggregator(x, mask, text=text))[0])
         captions = None
         if generate and self.captioner is not None:
-            captions = self.captioner.generate(image.tokens, **generation)
+            captions = self._captions(image.tokens, x, mask, **generation)
         slide_emb = caption_emb = None
         if self.contrastive is not None:
             slide_emb = self.contrastive.slide(image.tokens)  # (B, E)
@@ -269,7 +287,8 @@ class PathM3(nn.Module):
         ``no_repeat_ngram_size``."""
         if self.captioner is None:
             raise RuntimeError("this model has no captioner (model.captioner.type is none)")
-        return self.captioner.generate(self.aggregator(self.mixer(features, mask), mask).tokens, **generation)
+        x = self.mixer(features, mask)
+        return self._captions(self.aggregator(x, mask).tokens, x, mask, **generation)
 
     @torch.no_grad()
     def patch_scores(self, features: torch.Tensor, mask: torch.Tensor, per_query: bool = False) -> torch.Tensor:

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from conftest import REPO, make_batch, tiny_config
-from pathm3.bags import index_grid, write_bag
+from pathm3.bags import index_grid, read_bag, write_bag
+from pathm3.data import pad_bags
 from pathm3.manifest import write_manifest
 from pathm3.parts.terms import TermsConfig, choose_terms, contains
 from pathm3.pretrained import build_model, load_checkpoint
@@ -43,9 +44,11 @@ def test_contains_matches_whole_words_and_phrases():
     assert got[2].tolist() == [0.0, 0.0, 0.0, 0.0]  # "carcinomas" is not the word "carcinoma"
 
 
-def test_terms_loss_trains_a_query_on_a_rare_finding():
-    """Off by default; with a weight, the loss is BCE of the max over queries, and a few steps on bags
-    whose 'necrosis' is carried by 2 of 60 patches learn to detect it on new bags."""
+@pytest.mark.parametrize("source", ["tokens", "patches", "both"])
+def test_terms_loss_learns_a_rare_finding(source):
+    """Off by default; with a weight, the loss is BCE of the term scores (max over queries, or
+    log-mean-exp over patches), and a few steps on bags whose 'necrosis' is carried by 2 of 60
+    patches learn to detect it on new bags."""
     tok = build_word_tokenizer(CAPTIONS)
     plain = build_model(tiny_config(), tok)
     assert plain.terms is None
@@ -53,9 +56,10 @@ def test_terms_loss_trains_a_query_on_a_rare_finding():
 
     torch.manual_seed(0)
     cfg = tiny_config("train.terms.weight=1.0", 'train.terms.terms=["necrosis", "mucin pools"]', "model.alpha=1.0",
-                      "model.patch_dropout=0", "model.captioner.type=none")
+                      "model.patch_dropout=0", "model.captioner.type=none", f"train.terms.source={source}",
+                      "train.terms.rank=8")  # 81 second moments: 128 small training bags do not fit noise
     model = build_model(cfg, tok)
-    assert model.terms.score.out_features == 2 and "terms" in model.parts()
+    assert len(model.terms.cfg.terms) == 2 and "terms" in model.parts()
     needle = torch.zeros(64)
     needle[5] = 8.0
 
@@ -84,10 +88,31 @@ def test_terms_loss_trains_a_query_on_a_rare_finding():
     test_bags, test_caps = bags(20)
     with torch.no_grad():
         feats = make_batch(model, test_bags, [0] * 20, test_caps)
-        tokens = model.aggregator(model.mixer(feats.features, feats.mask), feats.mask).tokens
-        p = torch.sigmoid(model.terms.logits(tokens))[:, 0]  # P(necrosis)
+        x = model.mixer(feats.features, feats.mask)
+        tokens = model.aggregator(x, feats.mask).tokens
+        p = torch.sigmoid(model.terms.logits(tokens, x, feats.mask))[:, 0]  # P(necrosis)
     truth = torch.tensor([i % 2 for i in range(20)], dtype=torch.bool)
     assert ((p > 0.5) == truth).float().mean() >= 0.9  # new bags: the 2 needle patches are found
+
+
+def test_patch_scores_ignore_padding_and_the_captioner_reads_the_term_tokens():
+    tok = build_word_tokenizer(CAPTIONS)
+    torch.manual_seed(0)
+    model = build_model(tiny_config("train.terms.weight=1.0", 'train.terms.terms=["necrosis", "mucin pools"]',
+                                    "train.terms.source=patches", "train.terms.captioner_tokens=2"), tok).eval()
+    bag = torch.randn(30, 64)
+    alone, padded = make_batch(model, [bag]), make_batch(model, [bag, torch.randn(50, 64)])
+    with torch.no_grad():
+        logits = [model.terms.logits(None, model.mixer(b.features, b.mask), b.mask)[0] for b in (alone, padded)]
+        torch.testing.assert_close(logits[0], logits[1])  # a bag's term scores do not see its padding
+        k = model.aggregator.num_tokens
+        tokens = model.aggregator(model.mixer(alone.features, alone.mask), alone.mask).tokens
+        assert model._caption_input(tokens, logits[0][None]).shape == (1, k + 2, tokens.shape[-1])
+    batch = make_batch(model, [bag], [0], ["tubular adenocarcinoma with necrosis"])
+    before = model(batch).loss_gen
+    with torch.no_grad():
+        model.terms.to_captioner.bias.add_(1.0)  # only the term tokens change
+    assert not torch.isclose(model(batch).loss_gen, before)  # the caption reads them
 
 
 def _cohort(root, captions):
@@ -109,13 +134,19 @@ def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
     _cohort(root, CAPTIONS)
     cfg = tiny_config(f"data.manifest={root / 'manifest.csv'}", f"data.bags_dir={root / 'bags'}",
                       f"train.output_dir={tmp_path / 'runs'}", "train.max_epochs=1", "train.terms.weight=0.5",
+                      "train.terms.source=patches", "train.terms.captioner_tokens=2",
                       "eval.num_beams=1", "eval.max_new_tokens=4")
     run = train_one(cfg, seed=0, progress=False)
     stored = yaml.safe_load((run / "config.yaml").read_text())["train"]["terms"]["terms"]
     assert set(stored) == {"tubular", "adenocarcinoma", "necrosis", "mucin", "pools", "signet", "ring", "cell",
                            "carcinoma"}
     model, loaded, _ = load_checkpoint(run / "checkpoints" / "best.safetensors")
-    assert loaded.train.terms.terms == stored and model.terms.score.out_features == len(stored)
+    assert loaded.train.terms.terms == stored and model.terms.patch_score.out_features == len(stored)
+    with open(run / "predictions.csv") as fh:  # the checkpoint writes the run's captions again, term tokens included
+        rows = list(csv.DictReader(fh))
+    bags = [torch.from_numpy(read_bag(root / "bags" / f"{r['slide_id']}.h5", dtype="float32").features) for r in rows]
+    feats, mask = pad_bags(bags)
+    assert model.generate_captions(feats, mask, num_beams=1, max_new_tokens=4) == [r["caption_pred"] for r in rows]
     with open(run / "metrics.csv") as fh:
         assert any(r.get("train/loss_terms") for r in csv.DictReader(fh))
 
