@@ -149,7 +149,9 @@ def test_training_keeps_the_base_and_learns_captions(folders, slides, tmp_path, 
     trained_before = {k: v.clone() for k, v in cap.trainable_state_dict().items()}
     before, _ = bleu4(model, slides)
 
-    train(model, cfg, slides)
+    # T5 with LoRA on q/v learns to read the slide tokens more slowly: with transformers 5.24 and
+    # peft 0.21.2, 150 steps left its greedy captions the same for every slide (BLEU-4 0.61), 300 reach 1.0
+    train(model, cfg, slides, steps=300 if (name, finetune) == ("t5", "lora") else 150)
     after, captions = bleu4(model, slides)
     assert after > before + 0.25 and after > 0.7, f"BLEU-4 {before:.3f} -> {after:.3f}: {captions[:3]}"
 

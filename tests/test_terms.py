@@ -46,9 +46,9 @@ def test_contains_matches_whole_words_and_phrases():
 
 @pytest.mark.parametrize("source", ["tokens", "patches", "both"])
 def test_terms_loss_learns_a_rare_finding(source):
-    """Off by default; with a weight, the loss is BCE of the term scores (max over queries, or
-    log-mean-exp over patches), and a few steps on bags whose 'necrosis' is carried by 2 of 60
-    patches learn to detect it on new bags."""
+    """Off by default; with a weight, the loss is BCE of the term scores (max over queries, a
+    quadratic score averaged over patches, or their sum), and a few steps on bags whose 'necrosis'
+    is carried by 2 of 60 patches learn to detect it on new bags."""
     tok = build_word_tokenizer(CAPTIONS)
     plain = build_model(tiny_config(), tok)
     assert plain.terms is None
