@@ -16,6 +16,9 @@ aggregator, mean ± std over seeds, on the test split:
                        class): precision of the top-k patches, k = the slide's true class-signal
                        patches, and patch-level AUROC against them, averaged over the slides
     attention mass     share of the aggregator's attention on class / attribute signal patches
+    term P@k           with caption terms scored on the patches (``train.terms.source`` patches or
+                       both): P@k of the term heatmap (``pathm3-heatmap --term``) of the slide's own
+                       class word / attribute word against that signal's patches
 
     python benchmarks/known_truth.py --quick --output /tmp/kt_quick
     python benchmarks/known_truth.py --output runs/known_truth --aggregators qformer abmil --seeds 0 1 2
@@ -44,9 +47,10 @@ from pathm3.compare import variant
 from pathm3.config import Config, add_set_arg, apply_overrides, load_config
 from pathm3.data import pad_bags
 from pathm3.errors import ArgumentParser, UsageError, add_debug_flag, number, run_cli
-from pathm3.explain import METHODS, patch_scores
+from pathm3.explain import METHODS, patch_scores, term_scores
 from pathm3.files import read_csv, write_text
 from pathm3.parts import AGGREGATORS
+from pathm3.parts.terms import words
 from pathm3.pretrained import load_checkpoint
 from pathm3.summary import lookup, mean_std
 from pathm3.train import run_dir, train_one
@@ -109,9 +113,33 @@ def caption_scores(run: Path, cohort: Cohort) -> dict[str, float]:
     }
 
 
+def phrase_word(phrase: str, others: Sequence[str], terms: Sequence[str]) -> str | None:
+    """The first caption term that is a word of ``phrase`` and of none of the ``others``."""
+    taken = {w for o in others if o != phrase for w in words(o)}
+    return next((w for w in words(phrase) if w in terms and w not in taken), None)
+
+
+def term_precision(model, slides: Sequence[SlideTruth], bags, feats, mask, cohort: Cohort) -> dict[str, list[float]]:
+    """P@k per slide of the term heatmap of its own class word and attribute word (source patches / both)."""
+    if model.terms is None or not hasattr(model.terms, "patch_score"):
+        return {}
+    out: dict[str, list[float]] = {}
+    for signal, phrases, index in (("class", cohort.class_phrases, "label"), ("attribute", cohort.attribute_phrases,
+                                                                              "attribute")):
+        for b, (s, bag) in enumerate(zip(slides, bags)):
+            word = phrase_word(phrases[getattr(s, index)], phrases, model.terms.cfg.terms)
+            if word is None:
+                continue
+            row = term_scores(model, feats[b:b + 1], mask[b:b + 1], word)[0, :len(bag)].numpy()
+            truth = s.signal_mask(bag.coords, signal)
+            out.setdefault(f"term_p_at_k/{signal}", []).append(float(truth[np.argsort(-row, kind="stable")[:truth.sum()]].mean()))
+    return out
+
+
 def heatmap_scores(model, slides: Sequence[SlideTruth], cohort: Cohort, methods: Sequence[str],
                    batch_size: int = 8, options: dict | None = None) -> dict[str, float]:
-    """Mean over ``slides`` of P@k and AUROC per method, and the attention mass on each signal."""
+    """Mean over ``slides`` of P@k and AUROC per method, the attention mass on each signal and
+    the term heatmaps' P@k."""
     from sklearn.metrics import roc_auc_score
 
     per: dict[str, list[float]] = {}
@@ -119,6 +147,8 @@ def heatmap_scores(model, slides: Sequence[SlideTruth], cohort: Cohort, methods:
         group = slides[i:i + batch_size]
         bags = [read_bag(cohort.bags_dir / f"{s.slide_id}.h5", dtype="float32") for s in group]
         feats, mask = pad_bags([torch.from_numpy(b.features) for b in bags])  # (B, M, D), (B, M)
+        for key, values in term_precision(model, group, bags, feats, mask, cohort).items():
+            per.setdefault(key, []).extend(values)
         for name in methods:
             scores = patch_scores(model, feats, mask, name, **(options or {}).get(name, {})).numpy()  # (B, M)
             for s, bag, row in zip(group, bags, scores):
@@ -234,10 +264,11 @@ def markdown(rows: Sequence[Row], methods: Sequence[str], title: str) -> str:
                      f"{fmt(r, 'attention_mass_class')} / {fmt(r, 'attention_mass_attribute')}",
                      f"{r.seconds_per_epoch:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
-        head = ["aggregator", *[f"{m} P@k / AUROC" for m in methods]]
+        head = ["aggregator", *[f"{m} P@k / AUROC" for m in methods], "term heatmap P@k: class / attribute word"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in mine:
             cells = [f"{fmt(r, f'p_at_k/{m}')} / {fmt(r, f'auroc/{m}')}" for m in methods]
+            cells.append(f"{fmt(r, 'term_p_at_k/class')} / {fmt(r, 'term_p_at_k/attribute')}")
             lines.append("| " + " | ".join([r.aggregator, *cells]) + " |")
         lines.append("")
     return "\n".join(lines)

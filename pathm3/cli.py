@@ -273,7 +273,7 @@ def _read_captions(path: Path) -> dict[str, str]:
 def heatmap_main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(
         prog="pathm3-heatmap",
-        description="Export where the model looked: per-patch Q-Former cross-attention scores as CSV and "
+        description="Export where the model looked: per-patch scores (--method; or --term) as CSV and "
         "GeoJSON (QuPath: File > Import objects from file), and with --slide a heatmap over the thumbnail "
         "plus a montage of the top-k patches (patch-folder bags: the montage from the patch images).",
     )
@@ -293,12 +293,17 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--class", dest="class_name", metavar="NAME",
                    help="explain one class (e.g. one finding of a multi-label model) with a class-specific "
                    "--method (default gradient_x_input when the default method is attention)")
+    p.add_argument("--term", metavar="WORD",
+                   help="score patches by one caption term instead (a finding word, e.g. necrosis): that term's "
+                   "own per-patch score, for models trained with train.terms.source patches or both; not with "
+                   "--method or --class")
     _foreign_flag(p)
     add_runtime_args(p, workers=False)
     _common(p)
     args = p.parse_args(argv)
     from pathm3.bags import read_bag
     from pathm3.evaluate import thresholds_of
+    from pathm3.explain import check_term
     from pathm3.heatmap import check_slide, export, resolve_method
 
     if args.slide and len(args.slide) != len(args.bag):
@@ -308,6 +313,10 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
     if args.class_name is not None and args.class_name not in classes:
         raise UsageError(f"--class {args.class_name}: not a class of this model ({', '.join(classes)})")
     method = resolve_method(args.method, args.class_name)
+    if args.term is not None:
+        if args.method is not None or args.class_name is not None:
+            raise UsageError("--term scores patches by a caption term; leave out --method and --class")
+        check_term(model, args.term)
     for bag in args.bag:  # every input is checked before anything is written
         if not Path(bag).is_file():
             raise DataError(f"{bag}: no such bag file")
@@ -319,7 +328,7 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
         slide = args.slide[i] if args.slide else None
         written = export(model, classes, bag, args.output, slide_path=slide, top_k=args.top_k, per_query=args.per_query,
                          class_name=args.class_name, thresholds=thresholds_of(cfg, classes),
-                         precision=cfg.eval.precision, method=method)
+                         precision=cfg.eval.precision, method=method, term=args.term)
         for kind, path in written.items():
             print(f"{kind:8s} {path}")
     return 0

@@ -69,6 +69,9 @@ class ModelConfig(Section):
     captioner: section_type(CAPTIONERS, CAPTIONER_CONFIGS) = Field(default_factory=T5CaptionerConfig)
     alpha: float = Field(0.5, ge=0, le=1)  # L = alpha * L_cls + (1 - alpha) * L_gen
     patch_dropout: float = Field(0.25, ge=0, lt=1)  # training only: fraction of patches dropped from each bag
+    # training only: weight of an extra classification loss on pairs of bags merged into one, whose
+    # target is both bags' classes (PathM3._mixed_loss); 0 = off
+    bag_mix: float = Field(0.0, ge=0)
 
     @model_validator(mode="before")
     @classmethod

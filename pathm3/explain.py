@@ -24,6 +24,9 @@ and random subsets run copies of the bag with patches removed, as many per forwa
 ``patch_budget`` patches allow.
 
     scores = patch_scores(model, features, mask, "occlusion")          # (B, M), 0 at padding
+
+:func:`term_scores` is not a class explanation: it maps one caption term (a finding word) onto
+the patches, from the term's own patch scores (``train.terms.source: patches`` or ``both``).
 """
 
 from __future__ import annotations
@@ -106,6 +109,33 @@ def input_gradient(model: PathM3, x: torch.Tensor, mask: torch.Tensor, target: t
         score = log_odds(model, model.aggregator(mixed, mask), target).sum()
         (grad,) = torch.autograd.grad(score, x)
     return grad
+
+
+def check_term(model: PathM3, term: str) -> int:
+    """The index of caption ``term`` among the model's patch-scored terms, or a :class:`UsageError`."""
+    terms = model.terms
+    if terms is None or not hasattr(terms, "patch_score"):
+        raise UsageError("--term needs a model trained with caption terms scored on the patches "
+                         "(train.terms.weight > 0 and train.terms.source: patches or both)")
+    if term not in terms.cfg.terms:
+        known = ", ".join(terms.cfg.terms[:12]) + (", ..." if len(terms.cfg.terms) > 12 else "")
+        raise UsageError(f"--term {term!r}: not a caption term of this model; its terms: {known}")
+    return terms.cfg.terms.index(term)
+
+
+@torch.no_grad()
+def term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor, term: str) -> torch.Tensor:
+    """(B, M) each patch's own score for one caption ``term`` (``train.terms`` with ``source``
+    patches or both: the quadratic score whose bag mean or soft maximum is the term's patch-side
+    logit), 0 at padding: where the model sees that finding, not why it chose a class."""
+    t = check_term(model, term)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = model.terms.patch_logits(model.mixer(features, mask), mask)[:, t]  # (B, M)
+    finally:
+        model.train(was_training)
+    return scores.float().masked_fill(~mask, 0.0)
 
 
 # --------------------------------------------------------------------------------------------

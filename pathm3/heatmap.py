@@ -74,14 +74,14 @@ def resolve_method(method: str | None, class_name: str | None) -> str:
 @torch.no_grad()
 def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, per_query: bool = False,
             caption: bool = True, class_name: str | None = None, thresholds: np.ndarray | None = None,
-            precision: str = "fp32", method: str | None = None) -> BagExplanation:
+            precision: str = "fp32", method: str | None = None, term: str | None = None) -> BagExplanation:
     """Patch scores (``method``, see :mod:`pathm3.explain`; class-specific ones explain
-    ``class_name``, else the predicted class), predicted class(es) and generated caption for one
-    bag, on the model's device."""
+    ``class_name``, else the predicted class; or, with ``term``, that caption term's own patch
+    scores), predicted class(es) and generated caption for one bag, on the model's device."""
     from pathm3.evaluate import decide
-    from pathm3.explain import patch_scores
+    from pathm3.explain import patch_scores, term_scores
 
-    method = resolve_method(method, class_name)
+    method = resolve_method(method, class_name) if term is None else f"term {term}"
     model.eval()
     check_feature_width([bag_path], model.cfg.feature_dim)
     bag = read_bag(bag_path, dtype="float32")
@@ -92,7 +92,10 @@ def explain(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, 
         out = model.infer(feats, mask, generate=caption)
         # the class to explain: the one asked for, else the predicted one (from this pass's logits)
         target = int(out.logits[0].argmax()) if class_name is None else list(classes).index(class_name)
-        scores = out.scores if method == "attention" else patch_scores(model, feats, mask, method, target)
+        if term is not None:
+            scores = term_scores(model, feats, mask, term)
+        else:
+            scores = out.scores if method == "attention" else patch_scores(model, feats, mask, method, target)
     per = to_numpy(out.query_scores[0]) if (per_query and out.query_scores is not None) else None
     probs = to_numpy(out.probabilities[0])
     chosen = decide(probs, model.multilabel, thresholds)
@@ -240,13 +243,13 @@ def check_slide(slide_path: str | os.PathLike) -> None:
 def export(model: PathM3, classes: Sequence[str], bag_path: str | os.PathLike, out_dir: str | os.PathLike,
            slide_path: str | os.PathLike | None = None, top_k: int = 5, per_query: bool = False,
            class_name: str | None = None, thresholds: np.ndarray | None = None, precision: str = "fp32",
-           method: str | None = None) -> dict[str, Path]:
+           method: str | None = None, term: str | None = None) -> dict[str, Path]:
     """Write every output for one bag; returns {kind: path}. The slide is opened first, so a slide
     that cannot be read leaves nothing written."""
     if slide_path is not None:
         check_slide(slide_path)
     ex = explain(model, classes, bag_path, per_query=per_query, class_name=class_name, thresholds=thresholds,
-                 precision=precision, method=method)
+                 precision=precision, method=method, term=term)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sid = ex.bag.slide_id

@@ -12,7 +12,9 @@ C classes.
 
 With ``train.terms`` the caption's words get their own scores (from the tokens, the mixer's
 output or both; :mod:`pathm3.parts.terms`), + weight * L_terms, and with ``captioner_tokens`` the
-captioner reads their probabilities as F more tokens (B, K + F, Q).
+captioner reads their probabilities as F more tokens (B, K + F, Q). With ``model.bag_mix`` each
+bag is also merged with the next one of the batch and classified against both classes
+(+ bag_mix * L_mix, training only), so no class is told by the absence of the others' patches.
 
 PathM3 is ``nystrom -> qformer -> linear head -> t5``; the MIL baselines are ``none -> abmil``
 (or transmil, dsmil, clam_sb, mean, max) with the same head and, optionally, the same captioner.
@@ -53,11 +55,13 @@ class ModelOutput:
     """One training/validation step."""
 
     loss: torch.Tensor  # alpha * loss_cls + (1 - alpha) * loss_gen + w * loss_contrastive + w' * loss_terms
+    #                     + bag_mix * loss_mix
     loss_cls: torch.Tensor  # detached
     loss_gen: torch.Tensor  # detached
     logits: torch.Tensor  # (B, C) from the classifier's input (with the caption when it was used)
     loss_contrastive: torch.Tensor | None = None  # detached; None without train.contrastive
     loss_terms: torch.Tensor | None = None  # detached; None without train.terms
+    loss_mix: torch.Tensor | None = None  # detached; None without model.bag_mix (or outside training)
 
 
 @dataclass
@@ -196,8 +200,13 @@ class PathM3(nn.Module):
         if self.terms is not None:
             loss_terms = self.terms.loss(term_logits, batch.captions)
             loss = loss + self.terms.cfg.weight * loss_terms
+        loss_mix = None
+        if self.training and self.cfg.bag_mix > 0 and batch.features.shape[0] > 1:
+            loss_mix = self._mixed_loss(batch.features, mask, batch.targets)
+            loss = loss + self.cfg.bag_mix * loss_mix
         detach = lambda t: None if t is None else t.detach()  # noqa: E731
-        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, detach(loss_con), detach(loss_terms))
+        return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, detach(loss_con), detach(loss_terms),
+                           detach(loss_mix))
 
     def _contrastive_loss(self, tokens: torch.Tensor, text: TextBatch | None) -> torch.Tensor:
         """Image-text contrastive loss over the slides with a caption (0 with fewer than two)."""
@@ -220,6 +229,17 @@ class PathM3(nn.Module):
                 w = self.aggregator.aux_weight
                 loss = (1 - w) * loss + w * out.aux_loss
         return sum(streams) / len(streams), loss
+
+    def _mixed_loss(self, features: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Classification loss on each bag merged with the next one of the batch, image only. The
+        merged bag holds both bags' evidence, so its target is both classes (single-label: half
+        each; multi-label: either). A class told by the *absence* of the others' evidence fails
+        here, so every class must be found by its own patches (what the heatmap can show)."""
+        other = torch.roll(torch.arange(features.shape[0], device=features.device), 1)  # (B,) the partner
+        feats = torch.cat([features, features[other]], dim=1)  # (B, 2M, D)
+        both = torch.cat([mask, mask[other]], dim=1)  # (B, 2M)
+        merged = torch.maximum(targets, targets[other]) if self.multilabel else (targets + targets[other]) / 2
+        return self._classify(self.aggregator(self.mixer(feats, both), both), merged)[1]  # NaN rows skipped
 
     def _caption_input(self, tokens: torch.Tensor, term_logits: torch.Tensor | None) -> torch.Tensor:
         """What the captioner reads: the aggregator's tokens (B, K, Q), then the term tokens

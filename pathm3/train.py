@@ -20,6 +20,7 @@ Determinism: every step reseeds the RNGs from (seed, step) and the sampler shuff
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import time
 from pathlib import Path
@@ -116,6 +117,8 @@ class PathM3Module(L.LightningModule):
             self.log("train/loss_contrastive", out.loss_contrastive, batch_size=b)
         if out.loss_terms is not None:
             self.log("train/loss_terms", out.loss_terms, batch_size=b)
+        if out.loss_mix is not None:
+            self.log("train/loss_mix", out.loss_mix, batch_size=b)
         self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=b)
         return out.loss
 
@@ -334,12 +337,8 @@ def _precision(cfg: Config) -> str:
 def _loggers(out: Path) -> list:
     # One CSV log per launch (logs/version_N), merged into metrics.csv by merge_metrics().
     loggers: list = [L.pytorch.loggers.CSVLogger(save_dir=str(out), name="logs")]
-    try:
-        import tensorboard  # noqa: F401
-
+    if importlib.util.find_spec("tensorboard") is not None:  # optional: logs there too when installed
         loggers.append(L.pytorch.loggers.TensorBoardLogger(save_dir=str(out), name="tensorboard"))
-    except ImportError:
-        pass
     return loggers
 
 

@@ -31,8 +31,9 @@ def tiny_model(aggregator: str, dim: int = D, classes=("a", "b", "c")):
             "model.aggregator.text_input=never"]
     if aggregator != "qformer":
         over = [*over[:3], f"model.aggregator.type={aggregator}", "model.mixer.type=none"]
-    if aggregator == "abmil":  # small, as in test_aggregators (the published 500/128 stalls on some seeds)
-        over += ["model.aggregator.embed_dim=64", "model.aggregator.attn_dim=32"]
+    if aggregator == "abmil":  # small, as in test_aggregators (the published 500/128 stalls on some seeds);
+        # demo.yaml's bag_mix slows it down: 0.60 test accuracy after the 250 steps below, against >= 0.8
+        over += ["model.aggregator.embed_dim=64", "model.aggregator.attn_dim=32", "model.bag_mix=0"]
     if aggregator == "transmil":
         over += ["model.aggregator.embed_dim=32", "model.aggregator.heads=2", "model.aggregator.dim_head=16",
                  "model.aggregator.num_landmarks=8"]

@@ -184,3 +184,29 @@ def test_every_method_writes_its_scores_and_class_specific_ones_follow_the_class
     with open(next(other.glob("*_scores.csv"))) as fh:
         for_1 = np.array([float(r["score"]) for r in csv.DictReader(fh)])
     assert np.allclose(for_1, patch_scores(model, feats, mask, "gradient_x_input", 1)[0].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_term_heatmap_writes_the_terms_own_patch_scores(trained_run, tmp_path):
+    """--term: the CSV's score is that caption term's per-patch score (demo.yaml scores terms on the
+    patches); a word that is not a term, or --term with --method, is refused."""
+    from pathm3.explain import term_scores
+    from pathm3.pretrained import load_checkpoint
+
+    ckpt = trained_run / "checkpoints" / "best.safetensors"
+    bag = next((trained_run.parents[2] / "cohort" / "bags").glob("*.h5"))
+    model, _, _ = load_checkpoint(ckpt)
+    term = model.terms.cfg.terms[0]
+    assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(bag), "--output", str(tmp_path / "t"),
+                                  "--term", term, "--no-progress"]) == 0
+    with open(next((tmp_path / "t").glob("*_scores.csv"))) as fh:
+        written = np.array([float(r["score"]) for r in csv.DictReader(fh)])
+    feats = torch.from_numpy(read_bag(bag, dtype="float32").features)[None]
+    expected = term_scores(model, feats, torch.ones(feats.shape[:2], dtype=torch.bool), term)[0].numpy()
+    assert np.allclose(written, expected, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(written, written[0])  # patches differ
+    props = json.loads(next((tmp_path / "t").glob("*.geojson")).read_text())["features"][0]["properties"]
+    assert f"PathM3 term {term}" in props["measurements"]
+    for extra in (["--term", "no-such-word"], ["--term", term, "--method", "attention"]):
+        assert run_cli(heatmap_main, ["--checkpoint", str(ckpt), "--bag", str(bag), "--output",
+                                      str(tmp_path / "bad"), "--no-progress", *extra]) == 2
+        assert not (tmp_path / "bad").exists()

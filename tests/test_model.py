@@ -147,13 +147,15 @@ def test_correlation_switch():
 
 def test_alpha_reduces_to_one_loss():
     for alpha, key in [(1.0, "loss_cls"), (0.0, "loss_gen")]:
-        model, _ = tiny(f"model.alpha={alpha}")
+        model, _ = tiny(f"model.alpha={alpha}", "model.bag_mix=0")
         out = model(make_batch(model, bags(), [0, 1, 1], CAPTIONS))
         assert getattr(out, key) > 0
         torch.testing.assert_close(out.loss.detach(), getattr(out, key))
     model, _ = tiny("model.alpha=0.5")
     out = model(make_batch(model, bags(), [0, 1, 1], CAPTIONS))
-    torch.testing.assert_close(out.loss.detach(), 0.5 * out.loss_cls + 0.5 * out.loss_gen)
+    torch.testing.assert_close(out.loss.detach(), 0.5 * out.loss_cls + 0.5 * out.loss_gen + 1.0 * out.loss_mix)
+    assert out.loss_mix > 0  # demo.yaml: bag_mix 1.0
+    assert model.eval()(make_batch(model, bags(), [0, 1, 1], CAPTIONS)).loss_mix is None  # training only
 
 
 def test_slides_without_label_or_caption_contribute_no_loss():

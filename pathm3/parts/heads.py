@@ -51,13 +51,15 @@ class LinearHead(nn.Module):
 
 
 class SingleLabelHead(LinearHead):
-    """One class per slide: cross-entropy over the labelled slides, softmax, argmax."""
+    """One class per slide: cross-entropy over the labelled slides, softmax, argmax. A target row
+    may be soft (a merged pair of bags: 0.5 on each class), it is read as a distribution."""
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         known = ~torch.isnan(targets).any(dim=1)  # (B,)
         if not known.any():
             return logits.sum() * 0.0  # keeps the graph connected (DDP-friendly)
-        return F.cross_entropy(logits[known].float(), targets[known].argmax(dim=1))
+        target = targets[known].float()
+        return F.cross_entropy(logits[known].float(), target / target.sum(1, keepdim=True).clamp(min=1e-12))
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.float().softmax(dim=-1)
