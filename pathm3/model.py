@@ -13,7 +13,7 @@ C classes.
 With ``train.terms`` the caption's words get their own scores (from the tokens, the mixer's
 output or both; :mod:`pathm3.parts.terms`), + weight * L_terms, and with ``captioner_tokens`` the
 captioner reads their probabilities as F more tokens (B, K + F, Q). With ``model.bag_mix`` each
-bag is also merged with the next one of the batch and classified against both classes
+bag is also merged with the one before it in the batch and classified against both classes
 (+ bag_mix * L_mix, training only), so no class is told by the absence of the others' patches.
 
 PathM3 is ``nystrom -> qformer -> linear head -> t5``; the MIL baselines are ``none -> abmil``
@@ -231,7 +231,7 @@ class PathM3(nn.Module):
         return sum(streams) / len(streams), loss
 
     def _mixed_loss(self, features: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Classification loss on each bag merged with the next one of the batch, image only. The
+        """Classification loss on each bag merged with the one before it in the batch, image only. The
         merged bag holds both bags' evidence, so its target is both classes (single-label: half
         each; multi-label: either). A class told by the *absence* of the others' evidence fails
         here, so every class must be found by its own patches (what the heatmap can show)."""

@@ -86,8 +86,9 @@ def test_a_merged_bag_is_each_bag_then_its_partner_with_both_findings(tmp_path):
         ("multi_label", [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]),
         ("single_label", [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], [[1.0, 0.0], [0.5, 0.5], [0.5, 0.5]]),
     ]:
-        cfg = tiny_config("model.captioner.type=none", f"data.multilabel={head == 'multi_label'}", "model.patch_dropout=0",
-                          "model.aggregator.dropout=0", "model.mixer.dropout=0", "model.head.dropout=0")
+        cfg = tiny_config("model.captioner.type=none", f"data.multilabel={head == 'multi_label'}",
+                          "model.patch_dropout=0", "model.aggregator.dropout=0", "model.mixer.dropout=0",
+                          "model.head.dropout=0")
         torch.manual_seed(0)
         model = build_model(cfg, build_word_tokenizer(["tubular adenocarcinoma"])).eval()
         bags = [torch.randn(n, 64) for n in (30, 20, 25)]

@@ -45,7 +45,8 @@ bags the attribute was named on 100% of the test slides with ``lse``, 43% with `
 ``both``: the two logits added, one loss. The query-side score also teaches the queries the
 class words, which the classifier needs where the class evidence is scarce: in slide-sized bags
 with 0.5% class patches, accuracy 0.70 with ``patches`` alone, 0.86 with ``both``, 0.93 with
-``tokens`` (which misses the attribute on some 2% seeds; ``benchmarks/known_truth.py``).
+``tokens`` (which misses the attribute on some 2% seeds; all with ``pool: mean`` and no bag
+mixing; ``demo.yaml``'s ``both`` + ``lse`` + ``model.bag_mix``: 0.92; ``benchmarks/known_truth.py``).
 
 ``captioner_tokens: F`` hands the captioner the term probabilities too, as F more tokens after
 the aggregator's K: Linear(T, F * Q)(sigmoid(logits)), so the caption can name what the term
