@@ -24,6 +24,7 @@ aggregator, mean ± std over seeds, on the test split:
     python benchmarks/known_truth.py --output runs/known_truth --aggregators qformer abmil --seeds 0 1 2
     python benchmarks/known_truth.py --output runs/kt_pd0 --aggregators qformer --set model.patch_dropout=0
     python benchmarks/known_truth.py --output runs/kt_draw1 --aggregators qformer --cohort-seed 1
+    python benchmarks/known_truth.py --output runs/kt_big --cohorts scattered_0.5 --slides 1440 --seeds 0
 
 Writes ``OUTPUT/results.json`` (every run's values and the summaries) and ``OUTPUT/results.md``;
 runs live in ``OUTPUT/<cohort>/<aggregator>/seed<k>/`` and are reused when their config matches.
@@ -212,6 +213,8 @@ def run_all(args) -> list[RunScore]:
     for name in args.cohorts:
         spec = replace(COHORTS[name], seed=args.cohort_seed, **(QUICK if args.quick else {}))
         name = name if args.cohort_seed == 0 else f"{name}_draw{args.cohort_seed}"  # another draw, its own folders
+        if args.slides:  # a larger (or smaller) cohort of the same kind, its own folders
+            spec, name = replace(spec, slides=args.slides), f"{name}_n{args.slides}"
         cohort = make_cohort(Path(args.cohort_root or output / "cohorts") / name, spec)
         cfg = cohort_config(args, cohort, output / name)
         for aggregator in args.aggregators:
@@ -298,6 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cohort-seed", type=number(int, 0), default=0,
                    help="draw the cohorts with this seed (default 0); another seed checks a setting on fresh "
                         "cohorts, as <cohort>_draw<seed>")
+    p.add_argument("--slides", type=number(int, 9), default=None,
+                   help="slides per cohort (default 180; 60/20/20 split), as <cohort>_n<slides>: is a cohort "
+                        "data-limited?")
     p.add_argument("--aggregators", nargs="+", choices=list(AGGREGATORS), default=list(AGGREGATORS),
                    help="aggregators (default: all)")
     p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
