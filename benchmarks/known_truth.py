@@ -48,7 +48,7 @@ from pathm3.compare import variant
 from pathm3.config import Config, add_set_arg, apply_overrides, load_config
 from pathm3.data import pad_bags
 from pathm3.errors import ArgumentParser, UsageError, add_debug_flag, number, run_cli
-from pathm3.explain import METHODS, patch_scores, term_scores
+from pathm3.explain import METHODS, all_term_scores, has_term_scores, patch_scores
 from pathm3.files import read_csv, write_text
 from pathm3.parts import AGGREGATORS
 from pathm3.parts.terms import words
@@ -122,18 +122,20 @@ def phrase_word(phrase: str, others: Sequence[str], terms: Sequence[str]) -> str
 
 def term_precision(model, slides: Sequence[SlideTruth], bags, feats, mask, cohort: Cohort) -> dict[str, list[float]]:
     """P@k per slide of the term heatmap of its own class word and attribute word (source patches / both)."""
-    if model.terms is None or not hasattr(model.terms, "patch_score"):
+    if not has_term_scores(model):
         return {}
+    terms = model.terms.cfg.terms
+    scores = all_term_scores(model, feats, mask).numpy()  # (B, T, M)
     out: dict[str, list[float]] = {}
     for signal, phrases, index in (("class", cohort.class_phrases, "label"), ("attribute", cohort.attribute_phrases,
                                                                               "attribute")):
-        for b, (s, bag) in enumerate(zip(slides, bags)):
-            word = phrase_word(phrases[getattr(s, index)], phrases, model.terms.cfg.terms)
+        for row, s, bag in zip(scores, slides, bags):
+            word = phrase_word(phrases[getattr(s, index)], phrases, terms)
             if word is None:
                 continue
-            row = term_scores(model, feats[b:b + 1], mask[b:b + 1], word)[0, :len(bag)].numpy()
             truth = s.signal_mask(bag.coords, signal)
-            out.setdefault(f"term_p_at_k/{signal}", []).append(float(truth[np.argsort(-row, kind="stable")[:truth.sum()]].mean()))
+            top = np.argsort(-row[terms.index(word), :len(bag)], kind="stable")[:truth.sum()]
+            out.setdefault(f"term_p_at_k/{signal}", []).append(float(truth[top].mean()))
     return out
 
 

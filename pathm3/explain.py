@@ -111,31 +111,42 @@ def input_gradient(model: PathM3, x: torch.Tensor, mask: torch.Tensor, target: t
     return grad
 
 
+def has_term_scores(model: PathM3) -> bool:
+    """Whether the model scores caption terms on the patches (``train.terms.source`` patches or both)."""
+    return model.terms is not None and model.terms.cfg.source in ("patches", "both")
+
+
 def check_term(model: PathM3, term: str) -> int:
     """The index of caption ``term`` among the model's patch-scored terms, or a :class:`UsageError`."""
-    terms = model.terms
-    if terms is None or not hasattr(terms, "patch_score"):
+    if not has_term_scores(model):
         raise UsageError("--term needs a model trained with caption terms scored on the patches "
                          "(train.terms.weight > 0 and train.terms.source: patches or both)")
-    if term not in terms.cfg.terms:
-        known = ", ".join(terms.cfg.terms[:12]) + (", ..." if len(terms.cfg.terms) > 12 else "")
+    terms = model.terms.cfg.terms
+    if term not in terms:
+        known = ", ".join(terms[:12]) + (", ..." if len(terms) > 12 else "")
         raise UsageError(f"--term {term!r}: not a caption term of this model; its terms: {known}")
-    return terms.cfg.terms.index(term)
+    return terms.index(term)
 
 
 @torch.no_grad()
+def all_term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, M) every caption term's own per-patch score (see :func:`term_scores`), 0 at padding;
+    one pass of the mixer. The model runs in eval mode and is left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        scores = model.terms.patch_logits(model.mixer(features, mask), mask)  # (B, T, M)
+    finally:
+        model.train(was_training)
+    return scores.float().masked_fill(~mask[:, None, :], 0.0)
+
+
 def term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor, term: str) -> torch.Tensor:
     """(B, M) each patch's own score for one caption ``term`` (``train.terms`` with ``source``
     patches or both: the quadratic score whose bag mean or soft maximum is the term's patch-side
     logit), 0 at padding: where the model sees that finding, not why it chose a class."""
-    t = check_term(model, term)
-    was_training = model.training
-    model.eval()
-    try:
-        scores = model.terms.patch_logits(model.mixer(features, mask), mask)[:, t]  # (B, M)
-    finally:
-        model.train(was_training)
-    return scores.float().masked_fill(~mask, 0.0)
+    t = check_term(model, term)  # before any work: a bad term is refused at once
+    return all_term_scores(model, features, mask)[:, t]
 
 
 # --------------------------------------------------------------------------------------------
