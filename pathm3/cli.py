@@ -107,6 +107,8 @@ def _print_metrics(path: Path) -> None:
         parts.append(f"BLEU-4 of the nearest training caption {m['captioning_retrieval']['bleu_4']:.3f}")
     if m.get("retrieval"):
         parts.append(f"slide->caption R@1 {m['retrieval']['slide_to_caption_r@1']:.3f}")
+    if m.get("caption_terms"):
+        parts.append(f"caption-term micro-F1 {m['caption_terms']['micro_f1']:.3f}")
     print(f"{m.get('split', 'test')} ({m['n_slides']} slides): " + ", ".join(parts))
 
 

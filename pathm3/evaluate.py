@@ -27,6 +27,7 @@ from pathm3.files import write_csv, write_text
 from pathm3.manifest import Slide
 from pathm3.metrics import caption_metrics, classification_metrics, multilabel_metrics
 from pathm3.model import PathM3
+from pathm3.parts.terms import contains
 from pathm3.runtime import autocast, to_numpy
 from pathm3.text import class_phrases, named_classes, strip_class_words
 
@@ -45,6 +46,16 @@ class Prediction:
     embedding: np.ndarray | None = None  # (Q,) the slide's tokens, mean-pooled (caption retrieval baseline)
     slide_embedding: np.ndarray | None = None  # (E,) contrastive space, when trained with train.contrastive
     caption_embedding: np.ndarray | None = None  # (E,) the reference caption in that space
+    terms: tuple[str, ...] = ()  # the caption terms the model scores (train.terms), empty without
+    term_probabilities: np.ndarray | None = None  # (T,) their probabilities, None without terms
+
+    @property
+    def findings(self) -> list[str]:
+        """The caption terms with probability >= 0.5, likeliest first (the ``findings`` column)."""
+        if self.term_probabilities is None:
+            return []
+        order = np.argsort(-self.term_probabilities, kind="stable")
+        return [self.terms[t] for t in order if self.term_probabilities[t] >= 0.5]
 
     @property
     def labelled(self) -> bool:
@@ -80,14 +91,16 @@ def predict(model: PathM3, slides: Sequence[Slide], classes: Sequence[str], *, b
             res = model.infer(feats, mask, texts, generate=captions, **generation)
         probs = to_numpy(res.probabilities)
         text_probs = {k: (None if v is None else to_numpy(v)) for k, v in res.text_probabilities.items()}
-        emb, slide_emb, cap_emb = (None if t is None else to_numpy(t)
-                                   for t in (res.embedding, res.slide_embedding, res.caption_embedding))
+        emb, slide_emb, cap_emb, terms = (None if t is None else to_numpy(t) for t in
+                                          (res.embedding, res.slide_embedding, res.caption_embedding,
+                                           res.term_probabilities))
         for i, sid in enumerate(batch.slide_ids):
             per_set = {k: (v[i] if v is not None and sets[k][i] else None) for k, v in text_probs.items()}
             out.append(Prediction(sid, batch.targets[i].numpy(), refs[i], probs[i], per_set.get("text"),
                                   per_set.get("text_stripped"), res.captions[i] if res.captions else None,
                                   None if emb is None else emb[i], None if slide_emb is None else slide_emb[i],
-                                  None if cap_emb is None or not refs[i] else cap_emb[i]))
+                                  None if cap_emb is None or not refs[i] else cap_emb[i], model.term_names,
+                                  None if terms is None else terms[i]))
     return out
 
 
@@ -142,7 +155,21 @@ def evaluate_predictions(preds: Sequence[Prediction], classes: Sequence[str], mu
         nearest = nearest_captions(captioned, reference)
         retrieved = caption_metrics(refs, nearest) if nearest else None
     return {"n_slides": len(preds), "classification": classification, "captioning": captioning,
-            "captioning_retrieval": retrieved, "retrieval": retrieval_metrics(preds)}
+            "captioning_retrieval": retrieved, "retrieval": retrieval_metrics(preds),
+            "caption_terms": caption_term_metrics(preds)}
+
+
+def caption_term_metrics(preds: Sequence[Prediction]) -> dict[str, Any] | None:
+    """The model's caption-term probabilities (``train.terms``) scored as multi-label findings
+    against the words of each slide's reference caption (:func:`pathm3.metrics.multilabel_metrics`,
+    threshold 0.5); None without terms or reference captions."""
+    rows = [p for p in preds if p.caption_ref and p.term_probabilities is not None]
+    if not rows:
+        return None
+    terms = list(rows[0].terms)
+    targets = contains([p.caption_ref for p in rows], terms).numpy()  # (n, T) 1/0
+    return {"n_slides": len(rows), "n_terms": len(terms),
+            **multilabel_metrics(targets, np.stack([p.term_probabilities for p in rows]), terms)}
 
 
 def class_agreement(preds: Sequence[Prediction], classes: Sequence[str], phrases: dict[str, list[str]] | None
@@ -224,7 +251,8 @@ def evaluate(model: PathM3, cfg: Config, classes: Sequence[str], slides: Sequenc
 def prediction_record(p: Prediction, classes: Sequence[str], multilabel: bool,
                       thresholds: np.ndarray | None = None) -> dict[str, Any]:
     """One row of ``predictions.csv``. Single-label: ``slide_id, label, pred_image_only, pred_image_text,
-    prob_<class>..., caption_ref, caption_pred``; multi-label: ``label`` (known positives) and
+    prob_<class>..., caption_ref, caption_pred`` and, when the model scores caption terms, ``findings``
+    (the terms with probability >= 0.5, likeliest first, ``;``-joined); multi-label: ``label`` (known positives) and
     ``pred_labels`` / ``pred_labels_image_text`` are ``;``-joined class names."""
     def name(probs):
         if probs is None:
@@ -238,7 +266,8 @@ def prediction_record(p: Prediction, classes: Sequence[str], multilabel: bool,
         if multilabel else {"pred_image_only": name(p.probabilities), "pred_image_text": name(p.probabilities_text)}
     return {"slide_id": p.slide_id, "label": truth, **preds,
             **{f"prob_{c}": round(float(v), 6) for c, v in zip(classes, p.probabilities)},
-            "caption_ref": p.caption_ref or "", "caption_pred": p.caption_pred or ""}
+            "caption_ref": p.caption_ref or "", "caption_pred": p.caption_pred or "",
+            **({"findings": ";".join(p.findings)} if p.terms else {})}
 
 
 def write_predictions(preds: Sequence[Prediction], classes: Sequence[str], path: str | os.PathLike,
@@ -247,8 +276,9 @@ def write_predictions(preds: Sequence[Prediction], classes: Sequence[str], path:
     records = [prediction_record(p, classes, multilabel, thresholds) for p in preds]
     if str(path).lower().endswith(".json"):
         return write_json(records, path)
-    fields = list(prediction_record(Prediction("", np.full(len(classes), math.nan), None, np.zeros(len(classes)),
-                                               None, None, None), classes, multilabel))
+    fields = list(records[0]) if records else \
+        list(prediction_record(Prediction("", np.full(len(classes), math.nan), None, np.zeros(len(classes)),
+                                          None, None, None), classes, multilabel))
     return write_csv(path, records, fields)
 
 

@@ -77,6 +77,7 @@ class Inference:
     embedding: torch.Tensor | None = None  # (B, Q) the slide's tokens, mean-pooled
     slide_embedding: torch.Tensor | None = None  # (B, E) in the contrastive space (train.contrastive)
     caption_embedding: torch.Tensor | None = None  # (B, E) of texts["text"] in that space, rows without one 0
+    term_probabilities: torch.Tensor | None = None  # (B, T) each caption term's probability (train.terms)
 
 
 class PathM3(nn.Module):
@@ -114,6 +115,11 @@ class PathM3(nn.Module):
     @property
     def multilabel(self) -> bool:
         return self.head.multilabel
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The caption terms the model scores (``train.terms.terms``); empty without them."""
+        return () if self.terms is None else tuple(self.terms.cfg.terms)
 
     @property
     def reads_text(self) -> bool:
@@ -276,9 +282,10 @@ class PathM3(nn.Module):
             text = self.aggregator.text_for_classifier(batch_text) if self.reads_text else None
             text_probs[name] = None if text is None else \
                 self.head.probabilities(self._classify(self.aggregator(x, mask, text=text))[0])
+        term_logits = None if self.terms is None else self.terms.logits(image.tokens, x, mask)  # (B, T)
         captions = None
         if generate and self.captioner is not None:
-            captions = self._captions(image.tokens, x, mask, **generation)
+            captions = self.captioner.generate(self._caption_input(image.tokens, term_logits), **generation)
         slide_emb = caption_emb = None
         if self.contrastive is not None:
             slide_emb = self.contrastive.slide(image.tokens)  # (B, E)
@@ -286,7 +293,8 @@ class PathM3(nn.Module):
                 caption_emb = self.contrastive.text(self.aggregator.encode_text(texts["text"]))
                 caption_emb = caption_emb * texts["text"].mask.any(1, keepdim=True)  # (B, E)
         return Inference(logits, self.head.probabilities(logits), text_probs, captions, image.scores,
-                         image.query_scores, image.tokens.mean(1), slide_emb, caption_emb)
+                         image.query_scores, image.tokens.mean(1), slide_emb, caption_emb,
+                         None if term_logits is None else torch.sigmoid(term_logits))
 
     # Convenience wrappers (they tokenize; forwards take tensors).
 

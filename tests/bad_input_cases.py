@@ -13,7 +13,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pytest
 
 from pathm3.cli import compare_main
 from pathm3.config import _main as config_main
@@ -129,13 +128,6 @@ class Ctx:
     def patchgastric(self, captions=None, output=None, *extra: str) -> list[str]:
         return ["--captions", str(captions or self.captions()), "--bags", str(self.bags),
                 "--output", str(output or self.out / "manifest.csv"), *extra]
-
-
-@pytest.fixture
-def ctx(trained_run, tmp_path, monkeypatch) -> Ctx:
-    (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")  # relative default outputs would land here and be seen
-    return Ctx(tmp_path, trained_run)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,3 +108,14 @@ def trained_run(tmp_path_factory) -> Path:
             "--set", "eval.num_beams=1", "--set", "eval.max_new_tokens=12"]
     assert run_cli(train_main, args) == 0
     return tmp / "runs" / "demo" / "seed0"
+
+
+@pytest.fixture
+def ctx(trained_run, tmp_path, monkeypatch):
+    """The inputs of a bad-input case (``bad_input_cases.Ctx``), built in the test's own folder from
+    the shared trained run; the working folder is the test's, so relative outputs are seen."""
+    from bad_input_cases import Ctx
+
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return Ctx(tmp_path, trained_run)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bad_input_cases import (DEMO, WELL, Ctx, _foreign, _foreign_bag, _mkdir, _random_checkpoint, _set,  # noqa: F401
-                             check_refused, ctx, run_case, stderr_lines)
+from bad_input_cases import (DEMO, WELL, Ctx, _foreign, _foreign_bag, _mkdir, _random_checkpoint, _set,
+                             check_refused, run_case, stderr_lines)
 from pathm3.cli import compare_main, eval_main, heatmap_main, predict_main, train_main
 from pathm3.config import _main as config_main
 from pathm3.datasets.patchgastric import main as patchgastric_main

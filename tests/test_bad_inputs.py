@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bad_input_cases import (REPO, Ctx, _foreign_bag, _mkdir, _random_checkpoint, _set, check_refused,  # noqa: F401
-                             ctx, run_case)
+from bad_input_cases import (REPO, Ctx, _foreign_bag, _mkdir, _random_checkpoint, _set, check_refused,
+                             run_case)
 from pathm3.cli import compare_main, eval_main, heatmap_main, predict_main, train_main
 from pathm3.config import _main as config_main
 from pathm3.datasets.patchgastric import main as patchgastric_main

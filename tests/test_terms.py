@@ -4,6 +4,7 @@ run stores its terms so its checkpoint rebuilds the same head."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -89,11 +90,8 @@ def test_terms_loss_learns_a_rare_finding(source, pool, size):
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4])
     model.eval()
     test_bags, test_caps, where = bags(20)
-    with torch.no_grad():
-        feats = make_batch(model, test_bags, [0] * 20, test_caps)
-        x = model.mixer(feats.features, feats.mask)
-        tokens = model.aggregator(x, feats.mask).tokens
-        p = torch.sigmoid(model.terms.logits(tokens, x, feats.mask))[:, 0]  # P(necrosis)
+    feats = make_batch(model, test_bags, [0] * 20, test_caps)
+    p = model.infer(feats.features, feats.mask, generate=False).term_probabilities[:, 0]  # P(necrosis), as predicted
     truth = torch.tensor([i % 2 for i in range(20)], dtype=torch.bool)
     assert ((p > 0.5) == truth).float().mean() >= 0.9  # new bags: the 2 needle patches are found
     if source != "tokens":  # the term's own patch scores (pathm3-heatmap --term) rank the needles first
@@ -156,6 +154,12 @@ def test_a_run_chooses_its_terms_and_its_checkpoint_rebuilds_them(tmp_path):
     bags = [torch.from_numpy(read_bag(root / "bags" / f"{r['slide_id']}.h5", dtype="float32").features) for r in rows]
     feats, mask = pad_bags(bags)
     assert model.generate_captions(feats, mask, num_beams=1, max_new_tokens=4) == [r["caption_pred"] for r in rows]
+    probs = model.infer(feats, mask, generate=False).term_probabilities  # (n, T) the findings column's source
+    for row, p in zip(rows, probs.tolist()):
+        likeliest = sorted((q, t) for t, q in zip(stored, p) if q >= 0.5)[::-1]
+        assert row["findings"] == ";".join(t for _, t in likeliest)
+    metrics = json.loads((run / "metrics.json").read_text())["caption_terms"]
+    assert metrics["n_terms"] == len(stored) and set(metrics["per_class"]) == set(stored)
     with open(run / "metrics.csv") as fh:
         assert any(r.get("train/loss_terms") for r in csv.DictReader(fh))
 

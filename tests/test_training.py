@@ -60,10 +60,13 @@ def test_train_writes_the_run_layout_and_eval_writes_every_key(trained_run, tmp_
     assert set(m["captioning"]) == caption_keys | {"class_agreement"}
     assert set(m["captioning_retrieval"]) == caption_keys  # the nearest training caption, scored the same way
     assert m["retrieval"] is None  # trained without train.contrastive
+    terms = m["caption_terms"]  # demo.yaml's caption terms, scored against the reference captions' words
+    assert terms["n_slides"] == 8 and terms["n_terms"] == len(terms["per_class"]) > 0 and 0 <= terms["micro_f1"] <= 1
     with open(out.parent / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {"slide_id", "label", "pred_image_only", "pred_image_text", "prob_benign",
-                               "prob_adenocarcinoma", "caption_ref", "caption_pred"} <= set(rows[0])
+                               "prob_adenocarcinoma", "caption_ref", "caption_pred", "findings"} <= set(rows[0])
+    assert all(set(r["findings"].split(";")) - {""} <= set(terms["per_class"]) for r in rows)
     assert abs(float(rows[0]["prob_benign"]) + float(rows[0]["prob_adenocarcinoma"]) - 1) < 1e-5
 
 
