@@ -208,15 +208,22 @@ def cohort_config(args, cohort: Cohort, output: Path) -> Config:
     return load_config(args.config, settings + (QUICK_SETTINGS if args.quick else []) + args.overrides)
 
 
+def cohort_spec(name: str, draw: int = 0, slides: int | None = None, quick: bool = False) -> tuple[CohortSpec, str]:
+    """(spec, folder name) of cohort ``name`` drawn with seed ``draw`` (another draw: <name>_draw<seed>),
+    with ``slides`` slides (<name>_n<slides>: a larger or smaller cohort of the same kind)."""
+    spec = replace(COHORTS[name], seed=draw, **(QUICK if quick else {}))
+    name = name if draw == 0 else f"{name}_draw{draw}"
+    if slides:
+        spec, name = replace(spec, slides=slides), f"{name}_n{slides}"
+    return spec, name
+
+
 def run_all(args) -> list[RunScore]:
     """Build the cohorts, train and score every cohort x aggregator x seed."""
     output = Path(args.output)
     scores = []
     for name in args.cohorts:
-        spec = replace(COHORTS[name], seed=args.cohort_seed, **(QUICK if args.quick else {}))
-        name = name if args.cohort_seed == 0 else f"{name}_draw{args.cohort_seed}"  # another draw, its own folders
-        if args.slides:  # a larger (or smaller) cohort of the same kind, its own folders
-            spec, name = replace(spec, slides=args.slides), f"{name}_n{args.slides}"
+        spec, name = cohort_spec(name, args.cohort_seed, args.slides, args.quick)
         cohort = make_cohort(Path(args.cohort_root or output / "cohorts") / name, spec)
         cfg = cohort_config(args, cohort, output / name)
         for aggregator in args.aggregators:
