@@ -72,26 +72,53 @@ def excess_rates(bag: torch.Tensor, train: torch.Tensor, groups: torch.Tensor, t
     return torch.cat(out, dim=1)
 
 
+@dataclass
+class TrainingPatches:
+    """Every training patch, standardised, with its bag and the match thresholds."""
+
+    slides: list[SlideTruth]
+    feats: list[np.ndarray]  # (M, D) per training slide, as read
+    coords: list[np.ndarray]  # (M, 2) per training slide
+    mean: np.ndarray  # (D,)
+    std: np.ndarray  # (D,)
+    patches: torch.Tensor  # (N, D) standardised
+    owner: torch.Tensor  # (N,) index of each patch's slide
+    thresholds: torch.Tensor  # (Q,) similarity that a share ``quantiles`` of random pairs exceeds
+
+    def standardise(self, feats: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((feats - self.mean) / self.std)
+
+    def onehot(self, cohort: Cohort, kind: str) -> torch.Tensor:
+        """(N, G) each patch's slide's class (``kind`` "label") or attribute value, one-hot."""
+        n = len(cohort.classes if kind == "label" else cohort.attributes)
+        return torch.from_numpy(np.eye(n, dtype=np.float32)[[getattr(s, kind) for s in self.slides]])[self.owner]
+
+
+def training_patches(cohort: Cohort, quantiles: Sequence[float] = QUANTILES, seed: int = 0) -> TrainingPatches:
+    """Read and standardise the training patches; thresholds from 200,000 random pairs of them."""
+    slides, feats, coords = bags_of(cohort, "train")
+    flat = np.concatenate(feats)
+    mean, std = flat.mean(0), flat.std(0) + 1e-6
+    patches = torch.from_numpy((flat - mean) / std)
+    owner = torch.from_numpy(np.concatenate([np.full(len(f), i) for i, f in enumerate(feats)]))
+    pairs = np.random.default_rng(seed).integers(len(patches), size=(200_000, 2))
+    pair_sim = (patches[pairs[:, 0]] * patches[pairs[:, 1]]).sum(1)
+    thresholds = torch.quantile(pair_sim, torch.tensor([1 - q for q in quantiles]))
+    return TrainingPatches(slides, feats, coords, mean, std, patches, owner, thresholds)
+
+
 def score_cohort(name: str, cohort: Cohort, quantiles: Sequence[float] = QUANTILES, seed: int = 0) -> ProbeScore:
     """Choose the threshold on the validation bags, then score the test bags."""
-    train_slides, train_feats, _ = bags_of(cohort, "train")
-    feats = np.concatenate(train_feats)
-    mean, std = feats.mean(0), feats.std(0) + 1e-6
-    train = torch.from_numpy((feats - mean) / std)
-    owner = np.concatenate([np.full(len(f), i) for i, f in enumerate(train_feats)])
-    onehot = {kind: torch.from_numpy(np.eye(n, dtype=np.float32)[[getattr(s, kind) for s in train_slides]][owner])
-              for kind, n in (("label", len(cohort.classes)), ("attribute", len(cohort.attributes)))}
-    rng = np.random.default_rng(seed)
-    pairs = rng.integers(len(train), size=(200_000, 2))
-    pair_sim = (train[pairs[:, 0]] * train[pairs[:, 1]]).sum(1)
-    thresholds = torch.quantile(pair_sim, torch.tensor([1 - q for q in quantiles]))  # (Q,)
+    tp = training_patches(cohort, quantiles, seed)
+    train, thresholds = tp.patches, tp.thresholds
+    onehot = {kind: tp.onehot(cohort, kind) for kind in ("label", "attribute")}
 
     def run(split: str):
         slides, bag_feats, coords = bags_of(cohort, split)
         right = {k: np.zeros((len(quantiles), len(slides))) for k in onehot}
         precision = {k: np.zeros((len(quantiles), len(slides))) for k in onehot}
         for j, (s, f, xy) in enumerate(zip(slides, bag_feats, coords)):
-            bag = torch.from_numpy((f - mean) / std)
+            bag = tp.standardise(f)
             for kind, signal in (("label", "class"), ("attribute", "attribute")):
                 excess = excess_rates(bag, train, onehot[kind], thresholds).numpy()  # (Q, M, G)
                 predicted = excess.max(1).argmax(-1)  # (Q,)
