@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from known_truth import COHORTS, REPO, cohort_config, cohort_spec, score_run, trained  # noqa: E402
 from similarity_probe import excess_rates, training_patches  # noqa: E402
 
-from pathm3.bags import write_bag  # noqa: E402
 from pathm3.cohorts import Cohort, make_cohort, read_cohort  # noqa: E402
 from pathm3.compare import variant  # noqa: E402
 from pathm3.config import add_set_arg  # noqa: E402
 from pathm3.errors import ArgumentParser, add_debug_flag, number, run_cli  # noqa: E402
 from pathm3.files import write_text  # noqa: E402
+from pathm3.synthetic import write_synthetic_bag  # noqa: E402
 
 METRICS = ("accuracy", "findings", "agreement", "p_at_k/random_subsets", "term_p_at_k/class", "term_p_at_k/attribute")
 
@@ -61,10 +61,8 @@ def mine_cohort(cohort: Cohort, root: Path, top: int, others: int, quantile: flo
             chosen += best.tolist()
         rest = np.setdiff1d(np.arange(len(feats)), chosen)
         keep = np.sort(np.concatenate([np.unique(chosen), rng.choice(rest, min(others, len(rest)), replace=False)]))
-        write_bag(root / "bags" / f"{s.slide_id}.h5", feats[keep], xy[keep], dtype="float32",
-                  coords_attrs={"patch_size": cohort.spec.patch_size, "patch_size_level0": cohort.spec.patch_size,
-                                "name": s.slide_id},
-                  features_attrs={"encoder": "synthetic", "name": s.slide_id})
+        write_synthetic_bag(root / "bags" / f"{s.slide_id}.h5", feats[keep], xy[keep], s.slide_id,
+                            cohort.spec.patch_size)
     for s in cohort.slides:
         if s.split != "train":
             link = root / "bags" / f"{s.slide_id}.h5"
@@ -88,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--top", type=number(int, 1), default=2, help="mined patches per bag and signal (default 2)")
     p.add_argument("--others", type=number(int, 0), nargs="+", default=[60, 20, 4],
                    help="random other patches kept per training bag, one run each (default 60 20 4)")
-    p.add_argument("--quantile", type=float, default=1e-4,
+    p.add_argument("--quantile", type=number(float, 0, 1, low_open=True, high_open=True), default=1e-4,
                    help="share of random training-patch pairs that count as a match (default 1e-4)")
     p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--epochs", type=number(int, 1), default=30, help="training epochs (default 30)")

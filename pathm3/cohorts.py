@@ -34,7 +34,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from pathm3.bags import index_grid, write_bag
+from pathm3.bags import index_grid
 from pathm3.errors import ArgumentParser, DataError, UsageError, add_debug_flag, number, run_cli
 from pathm3.files import write_text
 from pathm3.manifest import write_manifest
@@ -247,7 +247,7 @@ def assign(spec: CohortSpec, rng: np.random.Generator) -> list[tuple[int, int, s
 def make_cohort(output: str | os.PathLike, spec: CohortSpec = CohortSpec(), reuse: bool = True) -> Cohort:
     """Write a cohort under ``output`` (``bags/``, ``manifest.csv``, ``truth.json``) and describe it.
     With ``reuse``, a cohort already there with the same spec is read instead of redrawn."""
-    from pathm3.synthetic import class_directions
+    from pathm3.synthetic import class_directions, write_synthetic_bag
 
     spec.check()
     root = Path(output)
@@ -264,9 +264,7 @@ def make_cohort(output: str | os.PathLike, spec: CohortSpec = CohortSpec(), reus
     for i, (label, attribute, split) in enumerate(assign(spec, rng)):
         sid = f"known-{i:04d}"
         x, coords, placed = draw_bag(label, attribute, directions, spec, rng)
-        write_bag(cohort.bags_dir / f"{sid}.h5", x, coords, dtype="float32",
-                  coords_attrs={"patch_size": spec.patch_size, "patch_size_level0": spec.patch_size, "name": sid},
-                  features_attrs={"encoder": "synthetic", "name": sid})
+        write_synthetic_bag(cohort.bags_dir / f"{sid}.h5", x, coords, sid, spec.patch_size)
         signals = {name: Signal(r, coords[r], ids) for name, (r, ids) in placed.items()}
         cohort.slides.append(SlideTruth(sid, label, attribute, split, len(x), signals))
         rows.append({"slide_id": sid, "label": cohort.classes[label], "split": split,

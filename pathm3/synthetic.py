@@ -66,6 +66,15 @@ def class_directions(dim: int, num_classes: int) -> torch.Tensor:
     return q[:, :num_classes].T
 
 
+def write_synthetic_bag(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray, name: str,
+                        patch_size: int = 224) -> Path:
+    """Write one drawn bag (float32) with the provenance every synthetic bag shares: encoder
+    ``synthetic``, ``patch_size`` px patches at level 0, the slide's ``name``."""
+    return write_bag(path, features, coords, dtype="float32",
+                     coords_attrs={"patch_size": patch_size, "patch_size_level0": patch_size, "name": name},
+                     features_attrs={"encoder": "synthetic", "name": name})
+
+
 def write_cohort(output: str | os.PathLike, n_slides: int = 120, dim: int = 64, seed: int = 0,
                  splits: Sequence[float] = (0.6, 0.2, 0.2)) -> Path:
     """Write ``bags/<slide_id>.h5`` and ``manifest.csv`` (labels, captions, splits); returns the manifest."""
@@ -78,9 +87,7 @@ def write_cohort(output: str | os.PathLike, n_slides: int = 120, dim: int = 64, 
     rows = []
     for i, (bag, y) in enumerate(zip(bags, labels.tolist())):
         sid = f"synthetic-{i:04d}"
-        write_bag(out / "bags" / f"{sid}.h5", bag.numpy(), index_grid(len(bag), 224), dtype="float32",
-                  coords_attrs={"patch_size": 224, "patch_size_level0": 224, "name": sid},
-                  features_attrs={"encoder": "synthetic", "name": sid})
+        write_synthetic_bag(out / "bags" / f"{sid}.h5", bag.numpy(), index_grid(len(bag), 224), sid)
         cls = CLASSES[y]
         rows.append({"slide_id": sid, "label": cls, "caption": CAPTIONS[cls][int(rng.integers(3))], "split": split[i]})
     return write_manifest(rows, out / "manifest.csv")
@@ -113,9 +120,7 @@ def write_multilabel_cohort(output: str | os.PathLike, n_slides: int = 120, dim:
             x[idx] += strength * directions[f]
             x -= strength * directions[f] * k / m
         sid = f"multilabel-{i:04d}"
-        write_bag(out / "bags" / f"{sid}.h5", x.numpy(), index_grid(m, 224), dtype="float32",
-                  coords_attrs={"patch_size": 224, "patch_size_level0": 224, "name": sid},
-                  features_attrs={"encoder": "synthetic", "name": sid})
+        write_synthetic_bag(out / "bags" / f"{sid}.h5", x.numpy(), index_grid(m, 224), sid)
         rank = int(np.flatnonzero(order == i)[0])
         row = {"slide_id": sid, "label": "", "split": "train" if rank < n_train else "val" if rank < n_train + n_val else "test",
                "caption": ", ".join(f for f, p in zip(findings, present) if p) or "no findings"}
