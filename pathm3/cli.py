@@ -297,8 +297,8 @@ def heatmap_main(argv: Sequence[str] | None = None) -> int:
                    "--method (default gradient_x_input when the default method is attention)")
     p.add_argument("--term", metavar="WORD",
                    help="score patches by one caption term instead (a finding word, e.g. necrosis): that term's "
-                   "own per-patch score, for models trained with train.terms.source patches or both; not with "
-                   "--method or --class")
+                   "own per-patch score, for models trained with train.terms.source patches or both (or "
+                   "train.prototypes); not with --method or --class")
     _foreign_flag(p)
     add_runtime_args(p, workers=False)
     _common(p)

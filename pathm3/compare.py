@@ -5,8 +5,8 @@ seeds, in the layout of the paper's Table 1.
         --seeds 0 1 2 --output runs/compare
 
 Each aggregator's runs are ``DIR/<aggregator>/seed<k>/`` as ``pathm3-train`` writes them. PathM3
-(``qformer``) keeps the config's mixer (the Nyström correlation); the MIL baselines run without a
-mixer (``model.mixer.type: none``), as published. Head, captioner, optimiser and budget are the
+(``qformer``) keeps the config's mixer (the Nyström correlation) and mined prototypes
+(``train.prototypes``); the MIL baselines run without either (``model.mixer.type: none``), as published. Head, captioner, optimiser and budget are the
 config's for every aggregator. ``DIR/comparison.json`` and ``DIR/comparison.md`` hold one row per
 aggregator: classification metrics as mean ± std over seeds, trainable parameters, seconds per
 epoch, and caption metrics where a captioner ran.
@@ -49,12 +49,14 @@ class ComparisonRow:
 
 def variant(cfg: Config, aggregator: str, output: Path) -> Config:
     """The config of one aggregator's runs: its default settings (the config's own when it is the
-    config's aggregator), no mixer for the baselines, runs under ``output/<aggregator>``."""
+    config's aggregator), no mixer and no mined prototypes for the baselines, runs under
+    ``output/<aggregator>``."""
     raw = config_to_dict(cfg)
     if raw["model"]["aggregator"]["type"] != aggregator:
         raw["model"]["aggregator"] = {"type": aggregator}
     if aggregator != "qformer":
         raw["model"]["mixer"] = {"type": "none"}
+        raw["train"]["prototypes"] = {**raw["train"]["prototypes"], "enabled": False}
     raw["train"].update(output_dir=str(output), name=aggregator)
     return config_from_dict(raw, f"pathm3-compare --aggregators {aggregator}")
 

@@ -38,6 +38,7 @@ from pathm3.parts.heads import HeadConfig
 from pathm3.parts.nystrom import NystromConfig
 from pathm3.parts.qformer import QFormerConfig
 from pathm3.parts.t5 import T5CaptionerConfig
+from pathm3.parts.prototypes import PrototypesConfig
 from pathm3.parts.terms import TermsConfig
 
 # --------------------------------------------------------------------------------------------
@@ -88,7 +89,8 @@ class ModelConfig(Section):
 DEFAULT_TYPES = {"mixer": "nystrom", "aggregator": "qformer", "captioner": "t5"}
 
 
-PartName = Literal["mixer", "aggregator", "head", "captioner", "projection", "contrastive", "terms"]
+PartName = Literal["mixer", "aggregator", "head", "captioner", "projection", "contrastive", "terms",
+                   "prototypes"]
 
 
 class ParamGroupConfig(Section):
@@ -131,6 +133,7 @@ class TrainConfig(Section):
     param_groups: dict[PartName, ParamGroupConfig] = {}
     contrastive: ContrastiveConfig = Field(default_factory=ContrastiveConfig)
     terms: TermsConfig = Field(default_factory=TermsConfig)  # caption-term supervision (parts/terms.py)
+    prototypes: PrototypesConfig = Field(default_factory=PrototypesConfig)  # mined stream (parts/prototypes.py)
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,6 +1,6 @@
 """Per-patch heatmap scores, by several methods, for any aggregator.
 
-Every method works through the model's public parts (``model.mixer``, ``model.aggregator``,
+Every method works through the model's public parts (``model.mixer``, ``model.aggregate``,
 ``model.head`` via ``model._classify``), so it explains PathM3 and every MIL baseline alike.
 ``attention`` is the aggregator's own score (what ``pathm3-heatmap`` shows); the others explain
 one class, by default the predicted one, through its *log-odds* (single-label: logit_c minus the
@@ -97,30 +97,34 @@ def log_odds(model: PathM3, out: AggregatorOutput, target: torch.Tensor) -> torc
 
 def bag_log_odds(model: PathM3, features: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) the log-odds of each bag's target class: mixer -> aggregator -> head."""
-    return log_odds(model, model.aggregator(model.mixer(features, mask), mask), target)
+    return log_odds(model, model.aggregate(features, model.mixer(features, mask), mask), target)
 
 
-def input_gradient(model: PathM3, x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-                   through_mixer: bool) -> torch.Tensor:
-    """(B, M, W) d log-odds / d x, with x the bag features (``through_mixer``) or the mixer output."""
+def input_gradient(model: PathM3, features: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
+                   mixed: torch.Tensor | None = None) -> torch.Tensor:
+    """d log-odds / d features (B, M, D), through the mixer; or, given the mixer's output ``mixed``,
+    d log-odds / d mixed (B, M, H) (what reads the features directly, the prototype stream, held fixed)."""
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        mixed = model.mixer(x, mask) if through_mixer else x  # (B, M, H)
-        score = log_odds(model, model.aggregator(mixed, mask), target).sum()
-        (grad,) = torch.autograd.grad(score, x)
+        x = (features if mixed is None else mixed).detach().requires_grad_(True)
+        if mixed is None:
+            out = model.aggregate(x, model.mixer(x, mask), mask)
+        else:
+            out = model.aggregate(features, x, mask)
+        (grad,) = torch.autograd.grad(log_odds(model, out, target).sum(), x)
     return grad
 
 
 def has_term_scores(model: PathM3) -> bool:
-    """Whether the model scores caption terms on the patches (``train.terms.source`` patches or both)."""
-    return model.terms is not None and model.terms.cfg.source in ("patches", "both")
+    """Whether the model scores caption terms on the patches (``train.terms.source`` patches or both,
+    or the mined prototypes of ``train.prototypes``)."""
+    return model.terms is not None and (model.terms.cfg.source in ("patches", "both") or model.prototypes is not None)
 
 
 def check_term(model: PathM3, term: str) -> int:
     """The index of caption ``term`` among the model's patch-scored terms, or a :class:`UsageError`."""
     if not has_term_scores(model):
         raise UsageError("--term needs a model trained with caption terms scored on the patches "
-                         "(train.terms.weight > 0 and train.terms.source: patches or both)")
+                         "(train.terms.weight > 0 and train.terms.source: patches or both, or train.prototypes)")
     terms = model.terms.cfg.terms
     if term not in terms:
         known = ", ".join(terms[:12]) + (", ..." if len(terms) > 12 else "")
@@ -135,7 +139,11 @@ def all_term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor) -
     was_training = model.training
     model.eval()
     try:
-        scores = model.terms.patch_logits(model.mixer(features, mask), mask)  # (B, T, M)
+        scores = 0.0
+        if model.terms.cfg.source in ("patches", "both"):
+            scores = model.terms.patch_logits(model.mixer(features, mask), mask)  # (B, T, M)
+        if model.prototypes is not None:  # + the prototype stream's per-patch term scores
+            scores = scores + model.prototypes.term_patch_scores(features)  # (B, T, M)
     finally:
         model.train(was_training)
     return scores.float().masked_fill(~mask[:, None, :], 0.0)
@@ -144,7 +152,8 @@ def all_term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor) -
 def term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor, term: str) -> torch.Tensor:
     """(B, M) each patch's own score for one caption ``term`` (``train.terms`` with ``source``
     patches or both: the quadratic score whose bag mean or soft maximum is the term's patch-side
-    logit), 0 at padding: where the model sees that finding, not why it chose a class."""
+    logit; plus, with ``train.prototypes``, the patch's score along the term's mined direction),
+    0 at padding: where the model sees that finding, not why it chose a class."""
     t = check_term(model, term)  # before any work: a bad term is refused at once
     return all_term_scores(model, features, mask)[:, t]
 
@@ -157,7 +166,7 @@ def term_scores(model: PathM3, features: torch.Tensor, mask: torch.Tensor, term:
 @torch.no_grad()
 def attention(model: PathM3, features, mask, target) -> torch.Tensor:
     """The aggregator's own per-patch scores (e.g. attention); class-agnostic."""
-    return model.aggregator(model.mixer(features, mask), mask).scores  # (B, M)
+    return model.aggregate(features, model.mixer(features, mask), mask).scores  # (B, M)
 
 
 @method("gradient_x_input")
@@ -165,7 +174,7 @@ def gradient_x_input(model: PathM3, features, mask, target) -> torch.Tensor:
     """Gradient x input at the aggregator's input (the mixer output), summed over the width."""
     with torch.no_grad():
         x = model.mixer(features, mask)  # (B, M, H)
-    return (input_gradient(model, x, mask, target, through_mixer=False) * x).sum(-1)
+    return (input_gradient(model, features, mask, target, mixed=x) * x).sum(-1)
 
 
 @method("class_attention")
@@ -174,7 +183,7 @@ def class_attention(model: PathM3, features, mask, target) -> torch.Tensor:
     per query; DSMIL: the target class's row; else the one map) weighted by the token's positive
     contribution to the class log-odds (gradient x input at the token)."""
     with torch.no_grad():
-        out = model.aggregator(model.mixer(features, mask), mask)
+        out = model.aggregate(features, model.mixer(features, mask), mask)
     with torch.enable_grad():
         tokens = out.tokens.detach().requires_grad_(True)  # (B, K, Q)
         score = log_odds(model, dataclasses.replace(out, tokens=tokens), target).sum()
@@ -196,15 +205,15 @@ def attention_x_gradient(model: PathM3, features, mask, target) -> torch.Tensor:
     the aggregator input): high where the model looked and found evidence for the class."""
     with torch.no_grad():
         x = model.mixer(features, mask)  # (B, M, H)
-        scores = model.aggregator(x, mask).scores  # (B, M)
-    evidence = (input_gradient(model, x, mask, target, through_mixer=False) * x).sum(-1)  # (B, M)
+        scores = model.aggregate(features, x, mask).scores  # (B, M)
+    evidence = (input_gradient(model, features, mask, target, mixed=x) * x).sum(-1)  # (B, M)
     return scores * evidence.clamp(min=0)
 
 
 @method("feature_gradient_x_input")
 def feature_gradient_x_input(model: PathM3, features, mask, target) -> torch.Tensor:
     """Gradient x input at the bag features: through the mixer (PathM3's correlation module)."""
-    return (input_gradient(model, features, mask, target, through_mixer=True) * features).sum(-1)
+    return (input_gradient(model, features, mask, target) * features).sum(-1)
 
 
 @method("integrated_gradients")
@@ -219,7 +228,7 @@ def integrated_gradients(model: PathM3, features, mask, target, steps: int = 16)
     total = torch.zeros_like(features)
     for s in range(steps):
         alpha = (s + 0.5) / steps
-        total += input_gradient(model, base + alpha * delta, mask, target, through_mixer=True)
+        total += input_gradient(model, base + alpha * delta, mask, target)
     return (delta * total / steps).sum(-1)
 
 

@@ -10,6 +10,9 @@ C classes.
       -> captioner    e.g. Linear(Q, d) -> frozen FlanT5                  caption     L_gen
     L = alpha * L_cls + (1 - alpha) * L_gen
 
+With ``train.prototypes`` every patch is scored along class (and term) directions mined from the
+training bags before training (:mod:`pathm3.parts.prototypes`), read from the features, and the
+pooled scores are a second stream (B, C) averaged with the head's (and are added to the term logits).
 With ``train.terms`` the caption's words get their own scores (from the tokens, the mixer's
 output or both; :mod:`pathm3.parts.terms`), + weight * L_terms, and with ``captioner_tokens`` the
 captioner reads their probabilities as F more tokens (B, K + F, Q). With ``model.bag_mix`` each
@@ -34,6 +37,7 @@ from pathm3.config import ModelConfig
 from pathm3.parts import AGGREGATORS, CAPTIONERS, HEADS, MIXERS
 from pathm3.parts.base import AggregatorOutput, TextBatch
 from pathm3.parts.contrastive import ContrastiveAlignment, ContrastiveConfig
+from pathm3.parts.prototypes import PrototypesConfig, PrototypeStream
 from pathm3.parts.terms import CaptionTerms, TermsConfig
 
 
@@ -91,11 +95,13 @@ class PathM3(nn.Module):
             the image-text contrastive loss (:mod:`pathm3.parts.contrastive`).
         terms: ``train.terms``; with a weight > 0 the model gets the caption-term scores
             (:mod:`pathm3.parts.terms`).
+        prototypes: ``train.prototypes``; enabled, the model gets the mined-prototype stream
+            (:mod:`pathm3.parts.prototypes`; filled before training by :func:`pathm3.mining.fit_prototypes`).
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, head: str = "single_label",
                  text_tokenizer=None, caption_tokenizer=None, contrastive: ContrastiveConfig | None = None,
-                 terms: TermsConfig | None = None):
+                 terms: TermsConfig | None = None, prototypes: PrototypesConfig | None = None):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
         self.mixer = MIXERS[cfg.mixer.type](cfg.mixer, cfg.feature_dim)
@@ -109,6 +115,8 @@ class PathM3(nn.Module):
             if contrastive is not None and contrastive.weight > 0 else None
         self.terms = CaptionTerms(terms, self.aggregator.out_dim, self.mixer.out_dim) \
             if terms is not None and terms.weight > 0 else None
+        self.prototypes = PrototypeStream(prototypes, cfg.feature_dim, num_classes, len(self.term_names)) \
+            if prototypes is not None and prototypes.enabled else None
 
     # ---------------------------------------------------------------- bookkeeping
 
@@ -129,7 +137,8 @@ class PathM3(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         """The model's parts by name (what ``train.param_groups`` and summaries refer to)."""
         named = {"mixer": self.mixer, "aggregator": self.aggregator, "head": self.head,
-                 "captioner": self.captioner, "contrastive": self.contrastive, "terms": self.terms}
+                 "captioner": self.captioner, "contrastive": self.contrastive, "terms": self.terms,
+                 "prototypes": self.prototypes}
         return {name: part for name, part in named.items() if part is not None}
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -188,12 +197,12 @@ class PathM3(nn.Module):
         """Losses and logits of a training/validation step."""
         mask = self._drop_patches(batch.mask)
         x = self.mixer(batch.features, mask)  # (B, M, H)
-        image = self.aggregator(x, mask, batch.targets)  # tokens (B, K, Q)
+        image = self.aggregate(batch.features, x, mask, batch.targets)  # tokens (B, K, Q)
         text = self.aggregator.text_for_classifier(batch.text) if self.reads_text else None
-        for_classifier = image if text is None else self.aggregator(x, mask, batch.targets, text)
+        for_classifier = image if text is None else self.aggregate(batch.features, x, mask, batch.targets, text)
         logits, loss_cls = self._classify(for_classifier, batch.targets)  # (B, C)
 
-        term_logits = None if self.terms is None else self.terms.logits(image.tokens, x, mask)  # (B, T)
+        term_logits = self._term_logits(image, x, mask)  # (B, T)
         alpha = self.cfg.alpha
         loss_gen = image.tokens.sum() * 0.0
         if self.captioner is not None and alpha < 1 and batch.caption_tokens is not None:
@@ -214,6 +223,23 @@ class PathM3(nn.Module):
         return ModelOutput(loss, loss_cls.detach(), loss_gen.detach(), logits, detach(loss_con), detach(loss_terms),
                            detach(loss_mix))
 
+    def aggregate(self, features: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                  targets: torch.Tensor | None = None, text: TextBatch | None = None) -> AggregatorOutput:
+        """The aggregator's output for the mixer's output ``x`` (B, M, H), with the mined-prototype
+        stream (``train.prototypes``) of the bag ``features`` (B, M, D) as ``patch_stream`` (B, C)
+        and ``term_stream`` (B, T)."""
+        out = self.aggregator(x, mask, targets, text)
+        if self.prototypes is not None:
+            out.patch_stream, out.term_stream = self.prototypes(features, mask)
+        return out
+
+    def _term_logits(self, out: AggregatorOutput, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """(B, T) caption-term logits (``train.terms``), with the prototype stream's when there is one."""
+        if self.terms is None:
+            return None
+        logits = self.terms.logits(out.tokens, x, mask)
+        return logits if out.term_stream is None else logits + out.term_stream
+
     def _contrastive_loss(self, tokens: torch.Tensor, text: TextBatch | None) -> torch.Tensor:
         """Image-text contrastive loss over the slides with a caption (0 with fewer than two)."""
         keep = text.mask.any(1) if text is not None else torch.zeros(0, dtype=torch.bool)
@@ -225,9 +251,10 @@ class PathM3(nn.Module):
 
     def _classify(self, out: AggregatorOutput, targets: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Head logits (averaged with an instance stream when the aggregator has one) and the loss."""
+        """Head logits (averaged with the aggregator's instance stream and the model's patch stream,
+        where there are) and the loss."""
         logits = self.head(out.tokens)  # (B, C)
-        streams = [logits] if out.instance_logits is None else [logits, out.instance_logits]
+        streams = [logits] + [s for s in (out.instance_logits, out.patch_stream) if s is not None]
         loss = None
         if targets is not None:
             loss = sum(self.head.loss(s, targets) for s in streams) / len(streams)
@@ -245,7 +272,7 @@ class PathM3(nn.Module):
         feats = torch.cat([features, features[other]], dim=1)  # (B, 2M, D)
         both = torch.cat([mask, mask[other]], dim=1)  # (B, 2M)
         merged = torch.maximum(targets, targets[other]) if self.multilabel else (targets + targets[other]) / 2
-        return self._classify(self.aggregator(self.mixer(feats, both), both), merged)[1]  # NaN rows skipped
+        return self._classify(self.aggregate(feats, self.mixer(feats, both), both), merged)[1]  # NaN rows skipped
 
     def _caption_input(self, tokens: torch.Tensor, term_logits: torch.Tensor | None) -> torch.Tensor:
         """What the captioner reads: the aggregator's tokens (B, K, Q), then the term tokens
@@ -254,10 +281,9 @@ class PathM3(nn.Module):
             return tokens
         return torch.cat([tokens, self.terms.caption_tokens(term_logits)], dim=1)  # (B, K + F, Q)
 
-    def _captions(self, tokens: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
-        """Generated captions from the aggregator's ``tokens`` and the mixer's output ``x``."""
-        term_logits = None if self.terms is None else self.terms.logits(tokens, x, mask)
-        return self.captioner.generate(self._caption_input(tokens, term_logits), **generation)
+    def _captions(self, out: AggregatorOutput, x: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
+        """Generated captions from the aggregator's output and the mixer's output ``x``."""
+        return self.captioner.generate(self._caption_input(out.tokens, self._term_logits(out, x, mask)), **generation)
 
     def _drop_patches(self, mask: torch.Tensor) -> torch.Tensor:
         p = self.cfg.patch_dropout
@@ -275,14 +301,14 @@ class PathM3(nn.Module):
         """Image-only and (per caption set in ``texts``) image+text probabilities, generated
         captions and patch scores, from one pass of the mixer (the costly part)."""
         x = self.mixer(features, mask)  # (B, M, H)
-        image = self.aggregator(x, mask)
+        image = self.aggregate(features, x, mask)
         logits, _ = self._classify(image)
         text_probs: dict[str, torch.Tensor | None] = {}
         for name, batch_text in (texts or {}).items():
             text = self.aggregator.text_for_classifier(batch_text) if self.reads_text else None
             text_probs[name] = None if text is None else \
-                self.head.probabilities(self._classify(self.aggregator(x, mask, text=text))[0])
-        term_logits = None if self.terms is None else self.terms.logits(image.tokens, x, mask)  # (B, T)
+                self.head.probabilities(self._classify(self.aggregate(features, x, mask, text=text))[0])
+        term_logits = self._term_logits(image, x, mask)  # (B, T)
         captions = None
         if generate and self.captioner is not None:
             captions = self.captioner.generate(self._caption_input(image.tokens, term_logits), **generation)
@@ -306,7 +332,7 @@ class PathM3(nn.Module):
         text = None
         if captions is not None and self.reads_text and any(captions):
             text = self.aggregator.text_for_classifier(self._to(self.aggregator.tokenize(captions), features))
-        return self._classify(self.aggregator(x, mask, text=text))[0]
+        return self._classify(self.aggregate(features, x, mask, text=text))[0]
 
     @torch.no_grad()
     def generate_captions(self, features: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
@@ -316,7 +342,7 @@ class PathM3(nn.Module):
         if self.captioner is None:
             raise RuntimeError("this model has no captioner (model.captioner.type is none)")
         x = self.mixer(features, mask)
-        return self._captions(self.aggregator(x, mask).tokens, x, mask, **generation)
+        return self._captions(self.aggregate(features, x, mask), x, mask, **generation)
 
     @torch.no_grad()
     def patch_scores(self, features: torch.Tensor, mask: torch.Tensor, per_query: bool = False) -> torch.Tensor:

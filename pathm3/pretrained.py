@@ -67,7 +67,8 @@ def needs_built_tokenizer(cfg: Config) -> bool:
 def build_model(cfg: Config, fallback_tokenizer=None, load_weights: bool = True) -> PathM3:
     """Build the model of a config, loading every pretrained part from its local folder."""
     model = PathM3(cfg.model, len(cfg.data.classes), cfg.head_type,  # a missing weights folder fails here
-                   contrastive=cfg.train.contrastive, terms=cfg.train.terms)
+                   contrastive=cfg.train.contrastive, terms=cfg.train.terms,
+                   prototypes=cfg.train.prototypes)
     model.set_tokenizers(*resolve_tokenizers(cfg, fallback_tokenizer))
     if load_weights:
         model.load_pretrained()

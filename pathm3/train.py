@@ -39,6 +39,7 @@ from pathm3.evaluate import evaluate, predict, thresholds_of, training_slides, w
 from pathm3.files import check_writable, write_csv, write_text
 from pathm3.manifest import Slide, read_manifest
 from pathm3.metrics import start_meteor, tune_thresholds
+from pathm3.mining import fit_prototypes
 from pathm3.model import Batch, PathM3
 from pathm3.optim import build_optimizer, build_scheduler
 from pathm3.parts.t5 import NoCaptionerConfig
@@ -208,6 +209,12 @@ def _tokenizer(cfg: Config, slides: Sequence[Slide], folder: Path):
     return build_word_tokenizer(texts, min([s for s in sizes if s] or [512]))
 
 
+def _mine(model: PathM3, train: Sequence[Slide], seed: int, progress: bool) -> None:
+    """With ``train.prototypes``: mine the training bags and write the prototypes into the model."""
+    if model.prototypes is not None:
+        fit_prototypes(model.prototypes, train, model.term_names, model.multilabel, seed, progress)
+
+
 def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = True) -> Path | None:
     """Train one seed (or resume it), evaluate its best checkpoint on the test split; returns the run
     dir (None on DDP ranks other than 0, which neither evaluate nor write results)."""
@@ -234,6 +241,8 @@ def train_one(cfg: Config, seed: int, resume: bool = False, progress: bool = Tru
     L.seed_everything(seed, workers=True, verbose=False)
     tokenizer = _tokenizer(eff, slides, out)
     model = build_model(eff, tokenizer)
+    if not resume:  # a resumed run's checkpoint holds the mined directions
+        _mine(model, train, seed, progress)
     cls_text = (lambda c: strip_class_words(c, classes)) if cfg.data.strip_class_words else None
     collate = BagCollator(model.tokenize)
     train_ds = BagDataset(train, classifier_text=cls_text)  # max_patches is applied in the step

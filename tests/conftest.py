@@ -37,11 +37,12 @@ def slides_dir(shared_data: Path) -> Path:
 
 def tiny_config(*overrides: str, classes=("benign", "tumour")):
     """configs/demo.yaml with overrides and ``classes`` (a small, fast model). Without caption terms
-    (``train.terms``): their words are chosen by a training run, and these models are built directly."""
+    (``train.terms``) and mined prototypes (``train.prototypes``): a training run chooses the words
+    and mines the directions, and these models are built directly."""
     from pathm3.config import load_config
 
-    return load_config(REPO / "configs" / "demo.yaml",
-                       [f"data.classes=[{', '.join(classes)}]", "train.terms.weight=0", *overrides])
+    return load_config(REPO / "configs" / "demo.yaml", [f"data.classes=[{', '.join(classes)}]", "train.terms.weight=0",
+                                                        "train.prototypes.enabled=false", *overrides])
 
 
 def make_batch(model, bags, labels=None, captions=None, classifier_captions=None):

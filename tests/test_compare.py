@@ -44,6 +44,7 @@ def test_every_aggregator_trains_round_trips_and_gets_a_row(tmp_path):
         model, cfg, classes = load_checkpoint(run / "checkpoints" / "best.safetensors")
         assert model.aggregator.cfg.type == name
         assert (model.mixer.cfg.type == "nystrom") == (name == "qformer")
+        assert (model.prototypes is not None) == (name == "qformer")  # the baselines as published
         test = read_manifest(cfg.data.manifest, cfg.data.bags_dir, classes, splits=["test"])
         again = {p.slide_id: p.probabilities for p in predict(model, test, classes, captions=False, progress=False)}
         with open(run / "predictions.csv") as fh:

@@ -74,6 +74,9 @@ class AggregatorOutput:
     query_scores: torch.Tensor | None = None  # (B, K, M): per-token scores (the Q-Former's per query)
     instance_logits: torch.Tensor | None = None  # (B, C): a second prediction stream (DSMIL's max-instance)
     aux_loss: torch.Tensor | None = None  # scalar instance-level loss (CLAM), needs targets
+    # Added by the model (PathM3.aggregate), not the aggregator: the mined-prototype stream (train.prototypes)
+    patch_stream: torch.Tensor | None = None  # (B, C) averaged with the head's logits
+    term_stream: torch.Tensor | None = None  # (B, T) added to the caption-term logits
 
 
 class Aggregator(nn.Module):
