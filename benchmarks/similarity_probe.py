@@ -34,6 +34,7 @@ from known_truth import COHORTS, cohort_spec  # noqa: E402  (the benchmark's coh
 from pathm3.bags import read_bag  # noqa: E402
 from pathm3.cohorts import Cohort, SlideTruth, make_cohort  # noqa: E402
 from pathm3.errors import ArgumentParser, add_debug_flag, number, run_cli  # noqa: E402
+from pathm3.mining import match_thresholds  # noqa: E402
 
 QUANTILES = (1e-3, 3e-4, 1e-4, 3e-5, 1e-5)  # share of random training-patch pairs above the threshold
 
@@ -101,9 +102,7 @@ def training_patches(cohort: Cohort, quantiles: Sequence[float] = QUANTILES, see
     mean, std = flat.mean(0), flat.std(0) + 1e-6
     patches = torch.from_numpy((flat - mean) / std)
     owner = torch.from_numpy(np.concatenate([np.full(len(f), i) for i, f in enumerate(feats)]))
-    pairs = np.random.default_rng(seed).integers(len(patches), size=(200_000, 2))
-    pair_sim = (patches[pairs[:, 0]] * patches[pairs[:, 1]]).sum(1)
-    thresholds = torch.quantile(pair_sim, torch.tensor([1 - q for q in quantiles]))
+    thresholds = match_thresholds(patches, quantiles, np.random.default_rng(seed))
     return TrainingPatches(slides, feats, coords, mean, std, patches, owner, thresholds)
 
 

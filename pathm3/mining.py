@@ -56,6 +56,13 @@ class Prototypes:
     labels: list[PatchLabels]  # per training bag
 
 
+def match_thresholds(patches: torch.Tensor, quantiles: Sequence[float], rng: np.random.Generator) -> torch.Tensor:
+    """(Q,) the dot product that a share ``quantiles`` of 200,000 random pairs of ``patches`` (N, D) exceed."""
+    pairs = torch.from_numpy(rng.integers(len(patches), size=(200_000, 2)))
+    similarity = (patches[pairs[:, 0]] * patches[pairs[:, 1]]).sum(1)
+    return torch.quantile(similarity, torch.tensor([1 - q for q in quantiles], dtype=similarity.dtype))
+
+
 def mine_patches(bags: Sequence[np.ndarray], targets: np.ndarray, cfg: PrototypesConfig, seed: int = 0,
                  progress: bool = True, chunk: int = 256) -> Prototypes:
     """Labels of single patches of ``bags`` (M_i, D) from their bag-level ``targets`` (N, T): 1/0,
@@ -75,8 +82,7 @@ def mine_patches(bags: Sequence[np.ndarray], targets: np.ndarray, cfg: Prototype
         reference.append(keep)
         owner.append(torch.full((len(keep),), i))
     ref, owner = torch.cat(reference), torch.cat(owner)  # (N, D), (N,)
-    pairs = torch.from_numpy(rng.integers(len(ref), size=(200_000, 2)))
-    threshold = torch.quantile((ref[pairs[:, 0]] * ref[pairs[:, 1]]).sum(1), 1 - cfg.quantile)
+    threshold = match_thresholds(ref, [cfg.quantile], rng)[0]
     y = torch.from_numpy(np.asarray(targets, dtype=np.float32))  # (N_bags, T)
     groups = torch.cat([(y == 1).float(), (y == 0).float()], dim=1)[owner]  # (N, 2T): with t, without t
     sizes = groups.sum(0)  # (2T,)

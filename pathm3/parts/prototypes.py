@@ -92,8 +92,13 @@ class PrototypeStream(nn.Module):
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(class stream (B, C), term stream (B, T)) from ``features`` (B, M, D) and ``mask`` (B, M)."""
-        pooled, c = self.pooled(features, mask), self.num_classes  # (B, C + T)
-        return self.scale[0] * pooled[:, :c] + self.bias[:c], self.scale[1] * pooled[:, c:] + self.bias[c:]
+        z = self._scaled(self.pooled(features, mask), self.scale, self.bias)  # (B, C + T)
+        return z[:, :self.num_classes], z[:, self.num_classes:]
+
+    def _scaled(self, pooled: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """(B, C + T) ``pooled`` with the class scale on its first C columns, the term scale on the rest, + bias."""
+        c = self.num_classes
+        return torch.cat([scale[0] * pooled[:, :c], scale[1] * pooled[:, c:]], 1) + bias
 
     @torch.no_grad()
     def calibrate(self, bags: Sequence[torch.Tensor], targets: torch.Tensor, multilabel: bool,
@@ -111,7 +116,7 @@ class PrototypeStream(nn.Module):
         rows = known[:, :c].all(1)  # single-label: slides with a class
 
         def loss() -> torch.Tensor:
-            z = torch.cat([scale[0] * pooled[:, :c], scale[1] * pooled[:, c:]], 1) + bias  # (N, C + T)
+            z = self._scaled(pooled, scale, bias)  # (N, C + T)
             parts = []
             if not multilabel and bool(rows.any()):
                 parts.append(F.cross_entropy(z[rows, :c], targets[rows, :c].argmax(1)))
