@@ -15,7 +15,8 @@ training bags before training (:mod:`pathm3.parts.prototypes`), read from the fe
 pooled scores are a second stream (B, C) averaged with the head's (and are added to the term logits).
 With ``train.terms`` the caption's words get their own scores (from the tokens, the mixer's
 output or both; :mod:`pathm3.parts.terms`), + weight * L_terms, and with ``captioner_tokens`` the
-captioner reads their probabilities as F more tokens (B, K + F, Q). With ``model.bag_mix`` each
+captioner reads their probabilities as F more tokens (B, K + F, Q); with ``model.head.captioner_token``
+it reads the predicted class (the label in training) as one more. With ``model.bag_mix`` each
 bag is also merged with the one before it in the batch and classified against both classes
 (+ bag_mix * L_mix, training only), so no class is told by the absence of the others' patches.
 
@@ -108,8 +109,9 @@ class PathM3(nn.Module):
         aggregator = AGGREGATORS[cfg.aggregator.type]
         extra = {"tokenizer": text_tokenizer} if aggregator.takes_text else {}
         self.aggregator = aggregator(cfg.aggregator, self.mixer.out_dim, num_classes, **extra)
-        self.head = HEADS[head](cfg.head, self.aggregator.out_dim, num_classes)
         captioner = CAPTIONERS[cfg.captioner.type]
+        head_cfg = cfg.head if captioner else cfg.head.model_copy(update={"captioner_token": False})  # none to read it
+        self.head = HEADS[head](head_cfg, self.aggregator.out_dim, num_classes)
         self.captioner = captioner(cfg.captioner, self.aggregator.out_dim, caption_tokenizer) if captioner else None
         self.contrastive = ContrastiveAlignment(contrastive, self.aggregator.out_dim) \
             if contrastive is not None and contrastive.weight > 0 else None
@@ -206,7 +208,8 @@ class PathM3(nn.Module):
         alpha = self.cfg.alpha
         loss_gen = image.tokens.sum() * 0.0
         if self.captioner is not None and alpha < 1 and batch.caption_tokens is not None:
-            loss_gen = self.captioner.loss(self._caption_input(image.tokens, term_logits), batch.caption_tokens)
+            labels = batch.targets if self.training else None  # the class token: the label in training
+            loss_gen = self.captioner.loss(self._caption_input(image, term_logits, labels), batch.caption_tokens)
         loss = alpha * loss_cls + (1 - alpha) * loss_gen
         loss_con = loss_terms = None
         if self.contrastive is not None:
@@ -274,16 +277,21 @@ class PathM3(nn.Module):
         merged = torch.maximum(targets, targets[other]) if self.multilabel else (targets + targets[other]) / 2
         return self._classify(self.aggregate(feats, self.mixer(feats, both), both), merged)[1]  # NaN rows skipped
 
-    def _caption_input(self, tokens: torch.Tensor, term_logits: torch.Tensor | None) -> torch.Tensor:
-        """What the captioner reads: the aggregator's tokens (B, K, Q), then the term tokens
-        (B, F, Q) when ``train.terms.captioner_tokens`` is set."""
-        if self.terms is None or self.terms.to_captioner is None:
-            return tokens
-        return torch.cat([tokens, self.terms.caption_tokens(term_logits)], dim=1)  # (B, K + F, Q)
+    def _caption_input(self, out: AggregatorOutput, term_logits: torch.Tensor | None,
+                       targets: torch.Tensor | None = None) -> torch.Tensor:
+        """What the captioner reads: the aggregator's tokens (B, K, Q), then the term tokens (B, F, Q)
+        with ``train.terms.captioner_tokens``, then the class token (B, 1, Q) with
+        ``model.head.captioner_token`` (the prediction, or the ``targets`` (B, C) where known)."""
+        tokens = [out.tokens]
+        if self.terms is not None and self.terms.to_captioner is not None:
+            tokens.append(self.terms.caption_tokens(term_logits))
+        if self.head.to_captioner is not None:
+            tokens.append(self.head.caption_token(self._classify(out)[0], targets))
+        return torch.cat(tokens, dim=1)  # (B, K [+ F] [+ 1], Q)
 
     def _captions(self, out: AggregatorOutput, x: torch.Tensor, mask: torch.Tensor, **generation: Any) -> list[str]:
         """Generated captions from the aggregator's output and the mixer's output ``x``."""
-        return self.captioner.generate(self._caption_input(out.tokens, self._term_logits(out, x, mask)), **generation)
+        return self.captioner.generate(self._caption_input(out, self._term_logits(out, x, mask)), **generation)
 
     def _drop_patches(self, mask: torch.Tensor) -> torch.Tensor:
         p = self.cfg.patch_dropout
@@ -311,7 +319,7 @@ class PathM3(nn.Module):
         term_logits = self._term_logits(image, x, mask)  # (B, T)
         captions = None
         if generate and self.captioner is not None:
-            captions = self.captioner.generate(self._caption_input(image.tokens, term_logits), **generation)
+            captions = self.captioner.generate(self._caption_input(image, term_logits), **generation)
         slide_emb = caption_emb = None
         if self.contrastive is not None:
             slide_emb = self.contrastive.slide(image.tokens)  # (B, E)

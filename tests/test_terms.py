@@ -16,6 +16,7 @@ from pathm3.bags import index_grid, read_bag, write_bag
 from pathm3.data import pad_bags
 from pathm3.explain import term_scores
 from pathm3.manifest import write_manifest
+from pathm3.parts.heads import HeadConfig
 from pathm3.parts.terms import TermsConfig, choose_terms, contains
 from pathm3.pretrained import build_model, load_checkpoint
 from pathm3.text import build_word_tokenizer
@@ -106,20 +107,49 @@ def test_patch_scores_ignore_padding_and_the_captioner_reads_the_term_tokens(poo
     torch.manual_seed(0)
     model = build_model(tiny_config("train.terms.weight=1.0", 'train.terms.terms=["necrosis", "mucin pools"]',
                                     "train.terms.source=patches", "train.terms.captioner_tokens=2",
-                                    f"train.terms.pool={pool}"), tok).eval()
+                                    f"train.terms.pool={pool}", "model.head.captioner_token=false"), tok).eval()
     bag = torch.randn(30, 64)
     alone, padded = make_batch(model, [bag]), make_batch(model, [bag, torch.randn(50, 64)])
     with torch.no_grad():
         logits = [model.terms.logits(None, model.mixer(b.features, b.mask), b.mask)[0] for b in (alone, padded)]
         torch.testing.assert_close(logits[0], logits[1])  # a bag's term scores do not see its padding
         k = model.aggregator.num_tokens
-        tokens = model.aggregator(model.mixer(alone.features, alone.mask), alone.mask).tokens
-        assert model._caption_input(tokens, logits[0][None]).shape == (1, k + 2, tokens.shape[-1])
+        out = model.aggregator(model.mixer(alone.features, alone.mask), alone.mask)
+        assert model._caption_input(out, logits[0][None]).shape == (1, k + 2, out.tokens.shape[-1])
     batch = make_batch(model, [bag], [0], ["tubular adenocarcinoma with necrosis"])
     before = model(batch).loss_gen
     with torch.no_grad():
         model.terms.to_captioner.bias.add_(1.0)  # only the term tokens change
     assert not torch.isclose(model(batch).loss_gen, before)  # the caption reads them
+
+
+def test_the_captioner_reads_the_prediction_and_does_not_train_the_classifier():
+    """model.head.captioner_token: one more token for the captioner, made from the predicted class
+    (one-hot), or from the label where one is given (training); changing it changes the caption
+    loss, and it gives the classifier no gradient."""
+    tok = build_word_tokenizer(CAPTIONS)
+    torch.manual_seed(0)
+    assert not HeadConfig().captioner_token  # off by default (demo.yaml: on)
+    assert build_model(tiny_config("model.head.captioner_token=false"), tok).head.to_captioner is None
+    model = build_model(tiny_config("model.head.captioner_token=true", "model.patch_dropout=0"), tok).eval()
+    batch = make_batch(model, [torch.randn(30, 64)], [0], ["tubular adenocarcinoma with necrosis"])
+    out = model.aggregator(model.mixer(batch.features, batch.mask), batch.mask)
+    k, q = model.aggregator.num_tokens, out.tokens.shape[-1]
+    tokens = model._caption_input(out, None)  # (1, K + 1, Q)
+    assert tokens.shape == (1, k + 1, q)
+    w, b = model.head.to_captioner.weight, model.head.to_captioner.bias
+    predicted = int(model._classify(out)[0].argmax())
+    torch.testing.assert_close(tokens[0, -1], w[:, predicted] + b)  # the prediction, one-hot
+    labelled = model._caption_input(out, None, torch.tensor([[float(c == 1 - predicted) for c in range(2)]]))
+    torch.testing.assert_close(labelled[0, -1], w[:, 1 - predicted] + b)  # the label where it is known
+    unknown = model._caption_input(out, None, torch.full((1, 2), float("nan")))
+    torch.testing.assert_close(unknown, tokens)  # and the prediction where it is not
+    grad = torch.autograd.grad(tokens[:, -1].sum(), model.head.classifier.weight, allow_unused=True)[0]
+    assert grad is None  # no gradient back to the classifier
+    before = model(batch).loss_gen
+    with torch.no_grad():
+        w[:, predicted] += 1.0  # only the class token changes
+    assert not torch.isclose(model(batch).loss_gen, before)  # the caption reads it
 
 
 def _cohort(root, captions):
