@@ -13,9 +13,11 @@ known, so the captioner learns to name the class the token names; at inference i
 prediction, so the caption names the predicted class. No gradient flows through it: the
 generation loss does not train the classifier. Why: where a class is carried by 1-2 patches of
 a bag, the classifier's streams find it more often than the captioner's tokens show it, and the
-caption named another class than the prediction on 6% of test slides; a token of the class
+caption named another class than the prediction on 6.5% of test slides; a token of the class
 *probabilities* did not help (uncertain slides, p ~0.5, are unlike the confident training slides)
 (``benchmarks/known_truth.py``).
+
+Targets are (B, C) floats: 1 or 0 per class, NaN where unknown (see :mod:`pathm3.parts.base`).
 """
 
 from __future__ import annotations
