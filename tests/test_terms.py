@@ -146,10 +146,17 @@ def test_the_captioner_reads_the_prediction_and_does_not_train_the_classifier():
     torch.testing.assert_close(unknown, tokens)  # and the prediction where it is not
     grad = torch.autograd.grad(tokens[:, -1].sum(), model.head.classifier.weight, allow_unused=True)[0]
     assert grad is None  # no gradient back to the classifier
-    before = model(batch).loss_gen
+    other = make_batch(model, [batch.features[0]], [1 - predicted], ["tubular adenocarcinoma with necrosis"])
+
+    def training_loss():  # the same dropout masks every time
+        torch.manual_seed(1)
+        return model.train()(other).loss_gen.detach()
+
+    before, trained = model.eval()(batch).loss_gen, training_loss()
     with torch.no_grad():
-        w[:, predicted] += 1.0  # only the class token changes
-    assert not torch.isclose(model(batch).loss_gen, before)  # the caption reads it
+        w[:, predicted] += 1.0  # only the token of the predicted class changes
+    assert not torch.isclose(model.eval()(batch).loss_gen, before)  # the caption reads it
+    torch.testing.assert_close(training_loss(), trained)  # in training it holds the label, not the prediction
 
 
 def _cohort(root, captions):
